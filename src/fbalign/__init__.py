@@ -1,0 +1,15 @@
+"""fbalign: train PyTorch networks with asymmetric feedback (feedback alignment, sign symmetry and kin).
+
+    >>> import fbalign
+    >>> model = fbalign.convert(my_model, "fa", seed=0)   # every Linear/Conv now sends its error through B
+    >>> print(fbalign.summary(model))
+"""
+
+from . import functional, nn, rules
+from .convert import UnconvertedModuleWarning, convert, summary, unconverted
+from .rules import FeedbackRule
+
+__version__ = "0.1.0"
+
+__all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
+           "functional", "__version__"]

@@ -1,0 +1,149 @@
+"""Linear and convolution ops whose error goes down through a given feedback matrix.
+
+The forward pass is torch's own (``F.linear``, ``F.conv*d``). The backward pass computes the weight and
+bias gradients exactly as autograd would, and the input gradient with ``feedback`` in place of the weight:
+
+* linear: ``grad_input = grad_output @ feedback`` (``feedback`` has the weight's shape ``(out, in)``,
+  so in Lillicrap et al.'s notation the matrix carrying the error down is ``B = feedback.T``);
+* convolution: the transposed convolution of ``grad_output`` with ``feedback`` (same shape as the kernel).
+
+``feedback=None`` sends no error below the op: the input gets no gradient.
+
+With ``feedback is weight`` both ops reproduce autograd to float tolerance; the tests check this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["linear", "conv", "autocast_args"]
+
+
+def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast floating tensors to the autocast dtype when autocast is on for the first tensor's device.
+
+    The custom backward below multiplies saved tensors together, so they must share one dtype. Casting
+    before ``Function.apply`` (rather than inside it) lets autograd carry the gradient back through the
+    cast to the float32 master weight, exactly as autocast does for ``F.linear``.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# Old-style Functions (forward takes ctx): the setup_context style costs ~40 µs more per call, which is
+# several percent of a small network's step.
+class _FeedbackLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                feedback_scale: Tensor | float | None) -> Tensor:
+        ctx.has_bias = bias is not None
+        ctx.has_feedback = feedback is not None
+        ctx.feedback_scale = feedback_scale
+        ctx.save_for_backward(input, feedback)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, feedback = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0] and ctx.has_feedback:
+            scale = ctx.feedback_scale
+            if scale is None:
+                grad_input = grad_output.matmul(feedback)
+            elif grad_output.numel() // grad_output.shape[-1] <= feedback.shape[0]:
+                grad_input = grad_output.matmul(feedback).mul_(scale)  # scale the smaller of the two
+            else:
+                grad_input = grad_output.matmul(feedback * scale)
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+           feedback_scale: Tensor | float | None = None) -> Tensor:
+    """``F.linear`` whose error reaches ``input`` through ``feedback · feedback_scale`` instead of ``weight``.
+
+    Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``;
+    ``feedback_scale`` is a number or a 0-dim tensor, applied to whichever of the error or the matrix is
+    smaller. ``feedback`` receives no gradient.
+    """
+    if feedback is not None and feedback.shape != weight.shape:
+        raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
+    input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
+    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale)
+
+
+_CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _FeedbackConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.has_feedback = feedback is not None
+        # With no feedback the kernel only fills convolution_backward's weight slot (its values are unused).
+        ctx.save_for_backward(input, feedback if feedback is not None else weight)
+        return _CONV_FORWARD[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        mask = [
+            ctx.needs_input_grad[0] and ctx.has_feedback,
+            ctx.needs_input_grad[1],
+            ctx.bias_sizes is not None and ctx.needs_input_grad[2],
+        ]
+        # The weight gradient depends only on input and grad_output, so one call with the feedback kernel
+        # in the weight's slot gives the exact weight gradient and the feedback-driven input gradient.
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, input, feedback, ctx.bias_sizes, list(stride), list(padding), list(dilation), False,
+            [0] * len(stride), groups, mask,
+        )
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    feedback: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int = 1,
+    feedback_scale: Tensor | float | None = None,
+) -> Tensor:
+    """``F.conv{1,2,3}d`` (chosen by ``weight.dim()``) whose error reaches ``input`` through
+    ``feedback · feedback_scale``.
+
+    Shapes: input ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, weight and feedback
+    ``(C_out, C_in / groups, *kernel)``. ``padding`` is numeric and symmetric; callers pad asymmetric or
+    non-zero padding explicitly first (as ``nn.Conv2d`` does).
+    """
+    if feedback is not None and feedback.shape != weight.shape:
+        raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")
+    if feedback is not None and feedback_scale is not None:
+        feedback = feedback * feedback_scale  # kernels are small next to the error maps
+    unbatched = input.dim() == weight.dim() - 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
+    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,205 @@
+"""Drop-in layers whose error goes down through the feedback matrix of a learning rule.
+
+``fbalign.nn.Linear`` and ``fbalign.nn.Conv1d/2d/3d`` subclass torch's own layers: same constructor arguments,
+same parameters, same forward output, plus ``rule=`` and the rule's options. Only the backward pass differs:
+the input gradient goes through ``rule.feedback(layer)`` instead of the weight (see :mod:`fbalign.rules`).
+
+Example::
+
+    >>> layer = fbalign.nn.Linear(784, 1000, rule="fa", seed=0)
+    >>> layer
+    Linear(in_features=784, out_features=1000, bias=True, rule=fa(seed=0))
+    >>> layer.feedback.shape          # a buffer: in state_dict, moved by .to(), not a parameter
+    torch.Size([1000, 784])
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional, rules
+from .rules import FeedbackRule
+
+__all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d"]
+
+_Layer = TypeVar("_Layer", bound="FeedbackLayer")
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+class FeedbackLayer(nn.Module):
+    """Mixin shared by every fbalign layer: holds the rule, its buffers, and dispatches ``forward`` to it.
+
+    Subclasses provide ``_forward_exact(input)`` (torch's op) and ``_forward_feedback(input, feedback)``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    rule: FeedbackRule
+
+    def set_rule(self: _Layer, rule: str | FeedbackRule, **options: Any) -> _Layer:
+        """Attach ``rule`` (a name or a rule object) with ``options``, replacing the current rule and its buffers."""
+        new_rule = rules.get(rule, **options)
+        for name in getattr(self, "_rule_buffers", ()):
+            delattr(self, name)
+        self._rule_buffers: list[str] = []
+        self.rule = new_rule
+        new_rule.setup(self)
+        return self
+
+    def register_feedback_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
+        """Register a buffer that belongs to the rule (removed again when the rule is replaced)."""
+        self.register_buffer(name, tensor, persistent=persistent)
+        self._rule_buffers.append(name)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.rule.forward(self, input)
+
+    def _forward_exact(self, input: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
+                          feedback_scale: Tensor | float | None = None) -> Tensor:
+        """Forward with the error going below through ``feedback · feedback_scale``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rule={self.rule}"
+
+    @classmethod
+    def _adopt(cls: type[_Layer], new: _Layer, old: nn.Module, rule: str | FeedbackRule, options: dict) -> _Layer:
+        """Share ``old``'s parameters (so existing optimizers keep working), mode and hooks; attach ``rule``."""
+        new.weight = old.weight
+        new.bias = old.bias
+        new.train(old.training)
+        for hooks in _HOOK_DICTS:
+            if hasattr(old, hooks):
+                setattr(new, hooks, OrderedDict(getattr(old, hooks)))
+        return new.set_rule(rule, **options)
+
+
+class Linear(FeedbackLayer, nn.Linear):
+    """``nn.Linear`` whose error goes down through the rule's feedback matrix.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``, feedback ``(out_features, in_features)``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        rule: a rule name from :func:`fbalign.rules.available` or a rule object (default ``'fa'``).
+        **rule_options: the rule's options, e.g. ``seed=0`` or ``init='gaussian'`` for ``fa``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: torch.dtype | None = None, *, rule: str | FeedbackRule = "fa", **rule_options: Any) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.set_rule(rule, **rule_options)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, rule: str | FeedbackRule = "fa", **rule_options: Any) -> Linear:
+        """A converted copy of ``module`` sharing its parameters."""
+        with torch.device("meta"):  # no init: the parameters come from ``module``; no RNG draws either
+            new = cls(module.in_features, module.out_features, module.bias is not None, rule="backprop")
+        return cls._adopt(new, module, rule, rule_options)
+
+    def _forward_exact(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
+                          feedback_scale: Tensor | float | None = None) -> Tensor:
+        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale)
+
+
+class _ConvNd(FeedbackLayer):
+    """Shared by Conv1d/2d/3d: torch's padding handling, then :func:`fbalign.functional.conv`."""
+
+    _conv_forward: Any
+    padding_mode: str
+    padding: Any
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    _reversed_padding_repeated_twice: list[int]
+
+    def _forward_exact(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
+                          feedback_scale: Tensor | float | None = None) -> Tensor:
+        pads = self._reversed_padding_repeated_twice
+        asymmetric = pads[0::2] != pads[1::2]
+        if self.padding_mode != "zeros" or asymmetric:
+            # As nn.ConvNd does: pad explicitly (autograd carries the error back through the pad).
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, pads, mode=mode)
+            padding = (0,) * len(self.stride)
+        else:
+            padding = tuple(pads[-2::-2])  # left pads, back in dimension order
+        return functional.conv(input, self.weight, self.bias, feedback, self.stride, padding, self.dilation,
+                               self.groups, feedback_scale)
+
+    @classmethod
+    def from_module(cls, module: nn.modules.conv._ConvNd, rule: str | FeedbackRule = "fa",
+                    **rule_options: Any) -> Any:
+        """A converted copy of ``module`` sharing its parameters."""
+        with torch.device("meta"):
+            new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                      padding=module.padding, dilation=module.dilation, groups=module.groups,
+                      bias=module.bias is not None, padding_mode=module.padding_mode, rule="backprop")
+        return cls._adopt(new, module, rule, rule_options)
+
+
+def _conv_doc(n: int) -> str:
+    return f"""``nn.Conv{n}d`` whose error goes down through the rule's feedback kernel.
+
+    Shapes: input ``(N, C_in, *spatial)`` or ``(C_in, *spatial)``; feedback has the kernel's shape
+    ``(C_out, C_in / groups, *kernel_size)``. Every ``nn.Conv{n}d`` option works: stride, padding (numbers,
+    ``'same'``, ``'valid'``), dilation, groups, bias, padding_mode.
+
+    Args:
+        (torch's arguments): as for ``nn.Conv{n}d``.
+        rule: a rule name from :func:`fbalign.rules.available` or a rule object (default ``'fa'``).
+        **rule_options: the rule's options.
+    """
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    __doc__ = _conv_doc(1)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: Any = None, dtype: torch.dtype | None = None, *, rule: str | FeedbackRule = "fa",
+                 **rule_options: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.set_rule(rule, **rule_options)
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    __doc__ = _conv_doc(2)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: Any = None, dtype: torch.dtype | None = None, *, rule: str | FeedbackRule = "fa",
+                 **rule_options: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.set_rule(rule, **rule_options)
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    __doc__ = _conv_doc(3)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: Any = None, dtype: torch.dtype | None = None, *, rule: str | FeedbackRule = "fa",
+                 **rule_options: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.set_rule(rule, **rule_options)

@@ -1,0 +1,371 @@
+"""Learning rules: what the error is multiplied by on its way below a layer, and how that matrix changes.
+
+A rule is one small frozen dataclass whose fields are its options. The layers in :mod:`fbalign.nn` are shared
+by every rule: a layer asks its rule for the *feedback matrix* (same shape as the layer's weight) and its
+backward pass sends the error down through that matrix instead of the weight (``grad_in = grad_out @ V`` for
+a linear layer; Lillicrap et al.'s ``B`` is ``V.T``). The weight's own gradient is always exact.
+
+Rules keep their per-layer state (fixed random matrices, masks, magnitudes) as buffers on the layer, so it is
+saved in ``state_dict``, moved by ``.to()`` and never seen by an optimizer.
+
+========  ===================================================================  ============================
+name      feedback matrix V (weight's shape)                                   changes
+========  ===================================================================  ============================
+backprop  W (plain autograd)                                                   follows W
+fa        fixed random B (uniform / gaussian / orthogonal / copy of W0)        never
+usf       sign(W) · rms(W)                                                     follows W
+frsf      M ∘ sign(W) · rms(W) / rms(M), M ~ U[0, 1] drawn once                follows W
+brsf      M ∘ sign(W) · rms(W) / rms(M), M redrawn every training step         every step
+pbp       (W⁺)ᵀ, the Moore–Penrose pseudo-inverse (linear layers)              follows W
+shallow   none: no error passes below the layer                                --
+========  ===================================================================  ============================
+
+The sign rules accept ``concordance=p``: each element of V agrees in sign with W with probability ``p``
+(Liao et al.'s S_p); the disagreeing set is drawn once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .nn import FeedbackLayer
+
+__all__ = [
+    "FeedbackRule",
+    "Backprop",
+    "FA",
+    "USF",
+    "FRSF",
+    "BRSF",
+    "PBP",
+    "Shallow",
+    "register",
+    "get",
+    "available",
+]
+
+_RULES: dict[str, type[FeedbackRule]] = {}
+_ALIASES = {"bp": "backprop"}
+
+
+def register(cls: type[FeedbackRule]) -> type[FeedbackRule]:
+    """Class decorator: make a rule available by ``cls.name`` to :func:`get`, layers and ``convert``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name` to be registered")
+    _RULES[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of the registered rules."""
+    return sorted(_RULES)
+
+
+def get(rule: str | FeedbackRule, **options: object) -> FeedbackRule:
+    """Return the rule called ``rule`` with ``options``, or ``rule`` itself (with ``options`` replaced).
+
+    Raises ``ValueError`` naming the valid rules or the rule's valid options.
+    """
+    if isinstance(rule, FeedbackRule):
+        cls, base = type(rule), rule
+    elif isinstance(rule, str):
+        key = _ALIASES.get(rule.lower(), rule.lower())
+        if key not in _RULES:
+            raise ValueError(f"unknown rule {rule!r}; valid rules are: {', '.join(available())}")
+        cls, base = _RULES[key], None
+    else:
+        raise TypeError(f"rule must be a rule name or a FeedbackRule, not {type(rule).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ValueError(f"rule {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {listed}")
+    return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+
+def _check_choice(rule: str, option: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{rule}: {option}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def _check_range(rule: str, option: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    bad = value < low or value > high or (low_open and value == low)
+    if bad:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{rule}: {option}={value!r} must lie in {interval}")
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded by ``seed``, or by a draw from torch's global RNG when ``seed`` is None.
+
+    Feedback is drawn on the CPU in float64 and then cast and moved, so one seed gives the same matrix on
+    every device and in every dtype (up to rounding).
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return torch.Generator().manual_seed(seed)
+
+
+def fan_in(weight: Tensor) -> int:
+    """Inputs feeding one output unit: ``in_features``, or ``in_channels / groups · prod(kernel)``."""
+    return weight[0].numel()
+
+
+@dataclass(frozen=True)
+class FeedbackRule:
+    """Base class of every rule. Subclasses set ``name``, declare their options as fields, and override
+    :meth:`feedback` (and :meth:`setup` when they keep state, :meth:`forward` when the matrix changes per step).
+    """
+
+    name: ClassVar[str] = ""
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        """Create the rule's per-layer state as buffers on ``layer`` (called once, when the rule is attached)."""
+
+    def feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        """The matrix the error is multiplied by below ``layer``, in ``layer.weight``'s shape; None: no error passes.
+
+        Pure: reading it changes nothing (measurements rely on this).
+        """
+        matrix, scale = self.feedback_factors(layer)
+        return matrix if matrix is None or scale is None else matrix * scale
+
+    def feedback_factors(self, layer: FeedbackLayer) -> tuple[Tensor | None, Tensor | float | None]:
+        """:meth:`feedback` as ``(matrix, scale)`` with ``scale`` a number, a 0-dim tensor or None.
+
+        The backward pass multiplies the error by the scale rather than the matrix when that is cheaper (a
+        batch of errors is often much smaller than a weight matrix). Override this or :meth:`feedback`.
+        """
+        if type(self).feedback is FeedbackRule.feedback:
+            raise NotImplementedError(f"{type(self).__name__} must override feedback() or feedback_factors()")
+        return self.feedback(layer), None
+
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        """Run ``layer`` on ``input``. Where no error has to go below the layer (inference, or an input that
+        needs no gradient, such as the data), the plain op is exact and cheapest."""
+        if not (torch.is_grad_enabled() and input.requires_grad):
+            return layer._forward_exact(input)
+        return layer._forward_feedback(input, *self.feedback_factors(layer))
+
+    def __str__(self) -> str:
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+@register
+@dataclass(frozen=True)
+class Backprop(FeedbackRule):
+    """Exact backpropagation: the error goes down through W itself (plain autograd; the reference)."""
+
+    name: ClassVar[str] = "backprop"
+
+    def feedback(self, layer: FeedbackLayer) -> Tensor:
+        return layer.weight.detach()
+
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        return layer._forward_exact(input)
+
+
+@register
+@dataclass(frozen=True)
+class FA(FeedbackRule):
+    """Feedback alignment (Lillicrap et al. 2016): a fixed random matrix B of the weight's shape.
+
+    Args:
+        init: ``'uniform'`` U[-a, a]; ``'gaussian'`` N(0, s²); ``'orthogonal'`` a (semi-)orthogonal matrix of
+            the flattened kernel; ``'weight'`` a copy of the weight when the rule is attached (the symmetric
+            start of Zipser & Rumelhart, useful as a control).
+        scale: ``a`` for uniform, ``s`` for gaussian, the gain for orthogonal, a factor for ``'weight'``.
+            None (default) gives B the same element variance as torch's default init of W,
+            1 / (3 · fan_in): the error arriving below has the size backprop's would have at init, which keeps
+            deep nets trainable. Lillicrap et al.'s B ~ U[-0.5, 0.5] is ``init='uniform', scale=0.5``.
+        sparsity: fraction of B's entries set to zero, drawn once (sparse feedback).
+        seed: seeds B; None draws from torch's global RNG (so ``torch.manual_seed`` governs it).
+    """
+
+    name: ClassVar[str] = "fa"
+    init: Literal["uniform", "gaussian", "orthogonal", "weight"] = "uniform"
+    scale: float | None = None
+    sparsity: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, "init", self.init, ("uniform", "gaussian", "orthogonal", "weight"))
+        if self.scale is not None:
+            _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
+        _check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity == 1.0:
+            raise ValueError("fa: sparsity=1.0 would remove all feedback; use rule='shallow' for that")
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        weight = layer.weight.detach()
+        gen = _generator(self.seed)
+        std = 1.0 / math.sqrt(3.0 * fan_in(weight))
+        b = torch.empty(weight.shape, dtype=torch.float64)
+        if self.init == "uniform":
+            a = self.scale if self.scale is not None else math.sqrt(3.0) * std
+            b.uniform_(-a, a, generator=gen)
+        elif self.init == "gaussian":
+            b.normal_(0.0, self.scale if self.scale is not None else std, generator=gen)
+        elif self.init == "orthogonal":
+            rows = b.shape[0]
+            gain = self.scale if self.scale is not None else math.sqrt(rows / (3.0 * min(rows, b[0].numel())))
+            torch.nn.init.orthogonal_(b.view(rows, -1), gain=gain, generator=gen)
+        else:
+            b.copy_(weight).mul_(1.0 if self.scale is None else self.scale)
+        if self.sparsity > 0:
+            b.mul_(torch.rand(b.shape, generator=gen, dtype=torch.float64) >= self.sparsity)
+        layer.register_feedback_buffer("feedback", b.to(weight.dtype).to(weight.device))
+
+    def feedback(self, layer: FeedbackLayer) -> Tensor:
+        return layer.feedback
+
+
+@dataclass(frozen=True)
+class _SignRule(FeedbackRule):
+    """Sign-concordant feedback (Liao, Leibo & Poggio 2016): V = sign(W) [∘ M] · k.
+
+    ``scale=None`` (default) sets k so that ‖V‖ ≈ ‖W‖ (k = rms(W) / rms(M)), recomputed from W every
+    step; a number fixes k (``scale=1`` with ``usf`` is the paper's bare sign(W), which relies on Batch
+    Normalization or Batch Manhattan to tame its size). ``concordance=p`` flips the sign of each element with
+    probability 1 − p, drawn once from ``seed``. sign(0) = 0: a weight that is exactly zero sends nothing back.
+    """
+
+    scale: float | None = None
+    concordance: float = 1.0
+    seed: int | None = None
+
+    # Stored magnitudes are multiplied by _magnitude_unit to lie in [0, 1]; _magnitude_rms is sqrt(E[M²]).
+    _magnitudes: ClassVar[bool] = False
+    _magnitude_unit: ClassVar[float] = 1.0
+    _magnitude_rms: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scale is not None:
+            _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
+        _check_range(self.name, "concordance", self.concordance, 0.0, 1.0)
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        weight = layer.weight.detach()
+        gen = _generator(self.seed)
+        if self.concordance < 1.0:
+            agree = torch.rand(weight.shape, generator=gen, dtype=torch.float64) < self.concordance
+            flips = torch.where(agree, 1.0, -1.0).to(weight.dtype)
+            layer.register_feedback_buffer("concordance_sign", flips.to(weight.device))
+        if self._magnitudes:
+            layer.register_feedback_buffer("magnitude", self._initial_magnitude(weight, gen).to(weight.device))
+
+    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def feedback_factors(self, layer: FeedbackLayer) -> tuple[Tensor, Tensor | float]:
+        weight = layer.weight.detach()
+        v = torch.sign(weight)
+        if self._magnitudes:
+            v.mul_(layer.magnitude)
+        if self.concordance < 1.0:
+            v.mul_(layer.concordance_sign)
+        if self.scale is not None:
+            return v, self.scale * self._magnitude_unit
+        flat = weight.reshape(-1)
+        factor = self._magnitude_unit / (self._magnitude_rms * math.sqrt(flat.numel()))
+        return v, torch.dot(flat, flat).sqrt_().mul_(factor)  # rms(W) · unit / rms(M), a 0-dim tensor: no sync
+
+
+@register
+@dataclass(frozen=True)
+class USF(_SignRule):
+    __doc__ = "Uniform sign-concordant feedback: V = sign(W) · k.\n\n" + (_SignRule.__doc__ or "")
+    name: ClassVar[str] = "usf"
+
+
+@register
+@dataclass(frozen=True)
+class FRSF(_SignRule):
+    __doc__ = (
+        "Fixed random-magnitude sign-concordant feedback: V = M ∘ sign(W) · k, M ~ U[0, 1] drawn once from "
+        "``seed`` (buffer ``magnitude``).\n\n" + (_SignRule.__doc__ or "")
+    )
+    name: ClassVar[str] = "frsf"
+    _magnitudes: ClassVar[bool] = True
+    _magnitude_rms: ClassVar[float] = 1.0 / math.sqrt(3.0)
+
+    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.rand(weight.shape, generator=generator, dtype=torch.float64).to(weight.dtype)
+
+
+@register
+@dataclass(frozen=True)
+class BRSF(_SignRule):
+    __doc__ = (
+        "Batchwise random-magnitude sign-concordant feedback: V = M ∘ sign(W) · k with M redrawn in place at every "
+        "training step (each training-mode forward whose error will pass below the layer).\n\n"
+        "M is uniform on the 128 midpoints {1, 3, ..., 255} / 256 of [0, 1] (never 0, so every sign survives), "
+        "stored as odd bytes (buffer ``magnitude``, uint8): random bits are what a CPU step pays for, and eight "
+        "magnitudes per 64-bit draw keep the redraw cheap; the magnitudes' resolution does not matter (Liao et "
+        "al.: magnitudes matter little). Draws come from the "
+        "default generator of the layer's device, like ``nn.Dropout``, so ``torch.manual_seed`` makes them "
+        "reproducible.\n\n" + (_SignRule.__doc__ or "")
+    )
+    name: ClassVar[str] = "brsf"
+    _magnitudes: ClassVar[bool] = True
+    _magnitude_unit: ClassVar[float] = 1.0 / 256.0
+    _magnitude_rms: ClassVar[float] = math.sqrt(1.0 / 3.0 - 1.0 / (12.0 * 128**2))  # mean square of the midpoints
+
+    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, 256, weight.shape, generator=generator, dtype=torch.uint8).bitwise_or_(1)
+
+    @staticmethod
+    def _redraw(magnitude: Tensor) -> None:
+        flat = magnitude.view(-1)
+        whole = flat.numel() // 8 * 8
+        words = flat[:whole].view(torch.int64)
+        words.random_()  # all 64 bits of each draw become 8 magnitudes...
+        words.bitwise_or_(0x0101010101010101)  # ...each made odd, 8 at a time
+        flat[whole:].random_(0, 256).bitwise_or_(1)
+
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        if layer.training and torch.is_grad_enabled() and input.requires_grad:
+            self._redraw(layer.magnitude)
+        return super().forward(layer, input)
+
+
+@register
+@dataclass(frozen=True)
+class PBP(FeedbackRule):
+    """Pseudo-backprop: the error goes down through the pseudo-inverse, Δh = W⁺ e (V = (W⁺)ᵀ).
+
+    Lillicrap et al. use it to show that feedback alignment behaves like a second-order method. Defined for
+    linear layers only: the pseudo-inverse of a convolution operator is not a kernel of the same shape.
+    Costs an SVD of W per step.
+    """
+
+    name: ClassVar[str] = "pbp"
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        if layer.weight.dim() != 2:
+            raise ValueError("pbp is defined for Linear layers only (the pseudo-inverse of a convolution is not "
+                             "a kernel); convert the convolutions with another rule")
+
+    def feedback(self, layer: FeedbackLayer) -> Tensor:
+        return torch.linalg.pinv(layer.weight.detach()).mT
+
+
+@register
+@dataclass(frozen=True)
+class Shallow(FeedbackRule):
+    """No error passes below the layer: layers beneath get no gradient; only layers above learn."""
+
+    name: ClassVar[str] = "shallow"
+
+    def feedback(self, layer: FeedbackLayer) -> None:
+        return None
+

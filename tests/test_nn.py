@@ -1,0 +1,232 @@
+"""fbalign.nn layers: with the feedback matrix made equal to W every rule is autograd; hand-computed B·e;
+buffers, dtypes, devices, autocast and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fbalign
+from fbalign import rules
+from fbalign.nn import Conv1d, Conv2d, Conv3d, Linear
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+ALL_RULES = ["backprop", "fa", "usf", "frsf", "brsf", "pbp", "shallow"]
+
+
+def seeded(rule: str, seed: int = 0) -> dict:
+    """``{'seed': seed}`` for the rules that draw random state, else nothing."""
+    return {"seed": seed} if "seed" in rules.get(rule).__dataclass_fields__ else {}
+
+
+def make_feedback_equal_weight(layer: fbalign.nn.FeedbackLayer, monkeypatch) -> None:
+    """Put each rule in the state where its feedback matrix is exactly W."""
+    w = layer.weight
+    with torch.no_grad():
+        name = layer.rule.name
+        if name == "fa":
+            layer.feedback.copy_(w)
+        elif name in ("usf", "frsf", "brsf"):
+            w.copy_(torch.sign(torch.randn_like(w)) * 0.2)  # V = sign(W)·rms(W) = W when |W| is constant
+            if name == "frsf":
+                layer.magnitude.fill_(rules.FRSF._magnitude_rms)
+            if name == "brsf":  # constant "random" bytes, and the normaliser that makes them 1
+                monkeypatch.setattr(rules.BRSF, "_redraw", staticmethod(lambda m: m.fill_(128)))
+                monkeypatch.setattr(rules.BRSF, "_magnitude_rms", 128 / 256)
+        elif name == "pbp":
+            nn.init.orthogonal_(w)  # pinv(W)ᵀ = W for orthogonal W
+
+
+def check_layer_against_torch(ours, reference, x, monkeypatch):
+    make_feedback_equal_weight(ours, monkeypatch)
+    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    out1, out2 = ours(x1), reference(x2)
+    torch.testing.assert_close(out1, out2, rtol=0, atol=0)
+    g = torch.randn_like(out1)
+    out1.backward(g)
+    out2.backward(g)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-10, atol=1e-10)
+    if reference.bias is not None:
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-10, atol=1e-10)
+    if ours.rule.name == "shallow":
+        assert x1.grad is None
+    else:
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+@pytest.mark.parametrize("shape", [(7, 6), (3, 5, 6), (2, 2, 3, 6)])
+def test_linear_with_feedback_equal_to_weight_is_autograd(rule, shape, monkeypatch):
+    ours = Linear(6, 6, rule=rule, dtype=torch.float64, **seeded(rule))
+    check_layer_against_torch(ours, nn.Linear(6, 6, dtype=torch.float64), torch.randn(shape, dtype=torch.float64),
+                              monkeypatch)
+
+
+CONVS = [
+    (Conv1d, nn.Conv1d, dict(kernel_size=3), (2, 4, 11)),
+    (Conv1d, nn.Conv1d, dict(kernel_size=4, stride=2, padding=3, dilation=2, groups=2, bias=False), (2, 4, 13)),
+    (Conv1d, nn.Conv1d, dict(kernel_size=4, padding="same", padding_mode="circular"), (2, 4, 9)),
+    (Conv2d, nn.Conv2d, dict(kernel_size=3, padding=1), (2, 4, 8, 8)),
+    (Conv2d, nn.Conv2d, dict(kernel_size=(2, 3), padding="same", dilation=(2, 1)), (2, 4, 7, 6)),  # asymmetric
+    (Conv2d, nn.Conv2d, dict(kernel_size=3, stride=(2, 1), padding=(1, 2), groups=4, bias=False), (2, 4, 9, 7)),
+    (Conv2d, nn.Conv2d, dict(kernel_size=3, padding=1, padding_mode="reflect"), (2, 4, 6, 6)),
+    (Conv2d, nn.Conv2d, dict(kernel_size=3, padding="valid"), (4, 6, 6)),  # unbatched
+    (Conv3d, nn.Conv3d, dict(kernel_size=3, stride=2, padding=1), (2, 4, 6, 6, 6)),
+    (Conv3d, nn.Conv3d, dict(kernel_size=(1, 2, 3), padding="same", groups=2, padding_mode="replicate"),
+     (1, 4, 5, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "pbp"])
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs,shape", CONVS)
+def test_conv_with_feedback_equal_to_weight_is_autograd(rule, ours_cls, torch_cls, kwargs, shape, monkeypatch):
+    ours = ours_cls(4, 4, **kwargs, rule=rule, dtype=torch.float64, **seeded(rule))
+    check_layer_against_torch(ours, torch_cls(4, 4, **kwargs, dtype=torch.float64),
+                              torch.randn(shape, dtype=torch.float64), monkeypatch)
+
+
+def _two_layer(rule):
+    torch.manual_seed(3)
+    model = nn.Sequential(Linear(5, 4, rule=rule, dtype=torch.float64, **seeded(rule, 1)), nn.Sigmoid(),
+                          Linear(4, 3, rule=rule, dtype=torch.float64, **seeded(rule, 2)))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.randn(6, 3, dtype=torch.float64)
+    return model, x, t
+
+
+def _hand_hidden_grad(model, x, t, down):
+    """W1's gradient for L = ½‖y − t‖² when the output error e = y − t goes down through ``down``."""
+    w1, b1, w2, b2 = (p.detach() for p in (model[0].weight, model[0].bias, model[2].weight, model[2].bias))
+    a1 = x @ w1.T + b1
+    h1 = torch.sigmoid(a1)
+    e = h1 @ w2.T + b2 - t
+    delta1 = (e @ down) * h1 * (1 - h1)          # rows: (B·e)ᵀ ∘ σ′(a1), with B = down.T
+    return delta1.T @ x, delta1.sum(0), e.T @ h1
+
+
+@pytest.mark.parametrize("rule", ["fa", "pbp", "backprop"])
+def test_two_layer_hidden_gradient_is_hand_computed_feedback_times_error(rule):
+    model, x, t = _two_layer(rule)
+    (0.5 * (model(x) - t).square().sum()).backward()
+    top = model[2]
+    if rule == "fa":
+        down = top.feedback
+    elif rule == "pbp":
+        down = torch.linalg.pinv(top.weight.detach()).T   # Δh = W⁺e
+    else:
+        down = top.weight.detach()
+    gw1, gb1, gw2 = _hand_hidden_grad(model, x, t, down)
+    torch.testing.assert_close(model[0].weight.grad, gw1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[0].bias.grad, gb1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(top.weight.grad, gw2, rtol=1e-10, atol=1e-12)  # top layer: plain delta rule
+
+
+def test_fa_hidden_update_differs_from_backprop():
+    model, x, t = _two_layer("fa")
+    (0.5 * (model(x) - t).square().sum()).backward()
+    gw1_bp, _, _ = _hand_hidden_grad(model, x, t, model[2].weight.detach())
+    assert not torch.allclose(model[0].weight.grad, gw1_bp)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "brsf", "pbp", "shallow"])
+def test_buffers_are_state_not_parameters(rule):
+    options = {"concordance": 0.5} if rule in ("usf", "frsf", "brsf") else {}
+    layer = Linear(6, 5, rule=rule, **options, **seeded(rule))
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"weight", "bias"}
+    state = layer.state_dict()
+    assert set(layer._rule_buffers) <= set(state)
+    fresh = Linear(6, 5, rule=layer.rule)  # another draw...
+    fresh.load_state_dict(state)  # ...replaced by the saved one
+    for name in layer._rule_buffers:
+        assert torch.equal(getattr(fresh, name), getattr(layer, name))
+    double = copy.deepcopy(layer).to(torch.float64)
+    for name in layer._rule_buffers:  # floating state follows the dtype; brsf's bytes stay bytes
+        expected = torch.float64 if getattr(layer, name).is_floating_point() else getattr(layer, name).dtype
+        assert getattr(double, name).dtype == expected
+
+
+def test_save_load_round_trip_through_a_file(tmp_path):
+    model = fbalign.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Conv1d(1, 2, 3)), "fa", seed=0)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    other = fbalign.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Conv1d(1, 2, 3)), "fa", seed=1)
+    assert not torch.equal(other[0].feedback, model[0].feedback)
+    other.load_state_dict(torch.load(tmp_path / "m.pt"))
+    assert torch.equal(other[0].feedback, model[0].feedback)
+    assert torch.equal(other[2].feedback, model[2].feedback)
+
+
+def test_set_rule_replaces_buffers():
+    layer = Linear(4, 3, rule="frsf", concordance=0.5, seed=0)
+    assert {"magnitude", "concordance_sign"} <= set(layer.state_dict())
+    layer.set_rule("fa", seed=0)
+    assert set(layer.state_dict()) == {"weight", "bias", "feedback"}
+    assert not hasattr(layer, "magnitude")
+
+
+def test_extra_repr_and_construction_matches_torch():
+    layer = Conv2d(3, 8, 5, stride=2, padding="valid", rule="fa", init="gaussian", seed=4)
+    assert repr(layer) == ("Conv2d(3, 8, kernel_size=(5, 5), stride=(2, 2), padding=valid, "
+                           "rule=fa(init='gaussian', seed=4))")
+    assert isinstance(layer, nn.Conv2d) and isinstance(Linear(2, 2), nn.Linear)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf"])
+def test_bf16_autocast_trains(rule):
+    model = fbalign.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                          nn.Linear(4 * 6 * 6, 10), nn.ReLU(), nn.Linear(10, 3)), rule, seed=0)
+    x = torch.randn(5, 1, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), torch.tensor([0, 1, 2, 0, 1])).backward()
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def _compiled_matches_eager(backend):
+    base = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+    model = fbalign.convert(base, "fa", seed=0)
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True)
+    x = torch.randn(3, 2, 5, 5)
+    for m in (model, compiled):
+        m(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    backprop = fbalign.convert(base, "backprop")  # the compiled graph really sends the error through B
+    backprop(x).square().sum().backward()
+    assert not torch.allclose(backprop[0].weight.grad, next(compiled.parameters()).grad, rtol=1e-3, atol=1e-4)
+
+
+def test_torch_compile_aot_eager():
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    _compiled_matches_eager("inductor")
+
+
+@cuda
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_cuda_matches_cpu(rule):
+    torch.manual_seed(0)
+    cpu = nn.Sequential(Linear(6, 5, rule=rule, **seeded(rule)),
+                        nn.Tanh(), Linear(5, 3, rule="backprop"))
+    gpu = copy.deepcopy(cpu).cuda()
+    assert all(b.is_cuda for b in gpu.buffers())
+    x = torch.randn(4, 6, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_()
+    if rule == "brsf":
+        pytest.skip("brsf draws from each device's own generator")
+    cpu(x).square().sum().backward()
+    gpu(xg).square().sum().backward()
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.cpu(), rtol=1e-4, atol=1e-5)
