@@ -230,3 +230,18 @@ def test_cuda_matches_cpu(rule):
     gpu(xg).square().sum().backward()
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(p.grad, q.grad.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_exact_backprop_context_gives_backprop_gradients_and_restores_the_rule():
+    model, x, t = _two_layer("brsf")
+    reference = fbalign.convert(model, "backprop")
+    magnitude = model[2].magnitude.clone()
+    with fbalign.exact_backprop(model):
+        (0.5 * (model(x) - t).square().sum()).backward()
+    (0.5 * (reference(x) - t).square().sum()).backward()
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad, rtol=0, atol=0)
+    assert torch.equal(model[2].magnitude, magnitude)  # no redraw while exact
+    assert [name for name, _ in fbalign.feedback_layers(model)] == ["0", "2"]
+    model.zero_grad()
+    (0.5 * (model(x) - t).square().sum()).backward()
+    assert not torch.allclose(model[0].weight.grad, reference[0].weight.grad)

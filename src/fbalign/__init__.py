@@ -7,9 +7,10 @@
 
 from . import functional, nn, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
+from .nn import exact_backprop, feedback_layers
 from .rules import FeedbackRule
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "__version__"]
+           "functional", "exact_backprop", "feedback_layers", "__version__"]

@@ -16,6 +16,8 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from . import functional, rules
 from .rules import FeedbackRule
 
-__all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d"]
+__all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "feedback_layers", "exact_backprop"]
 
 _Layer = TypeVar("_Layer", bound="FeedbackLayer")
 
@@ -59,7 +61,11 @@ class FeedbackLayer(nn.Module):
         self.register_buffer(name, tensor, persistent=persistent)
         self._rule_buffers.append(name)
 
+    _exact_override: bool = False
+
     def forward(self, input: Tensor) -> Tensor:
+        if self._exact_override:
+            return self._forward_exact(input)
         return self.rule.forward(self, input)
 
     def _forward_exact(self, input: Tensor) -> Tensor:
@@ -83,6 +89,28 @@ class FeedbackLayer(nn.Module):
             if hasattr(old, hooks):
                 setattr(new, hooks, OrderedDict(getattr(old, hooks)))
         return new.set_rule(rule, **options)
+
+
+def feedback_layers(model: nn.Module) -> list[tuple[str, FeedbackLayer]]:
+    """``(name, layer)`` for every fbalign layer of ``model``, in ``named_modules`` order (shared layers once)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FeedbackLayer)]
+
+
+@contextmanager
+def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block every fbalign layer of ``model`` runs plain autograd (the error goes down through W),
+    whatever its rule; rules take no per-step action (``brsf`` draws nothing). Used to compute the backprop
+    reference for a model trained with another rule, without copying it.
+    """
+    layers = [layer for _, layer in feedback_layers(model)]
+    previous = [layer._exact_override for layer in layers]
+    for layer in layers:
+        layer._exact_override = True
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, previous):
+            layer._exact_override = before
 
 
 class Linear(FeedbackLayer, nn.Linear):
