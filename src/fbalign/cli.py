@@ -8,6 +8,7 @@ import sys
 
 # Each module provides ``add_parser(subparsers)``; its parser sets ``func(args) -> int``.
 COMMAND_MODULES = [
+    "fbalign.train",
     "fbalign.demo",
 ]
 
