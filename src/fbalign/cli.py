@@ -9,6 +9,8 @@ import sys
 # Each module provides ``add_parser(subparsers)``; its parser sets ``func(args) -> int``.
 COMMAND_MODULES = [
     "fbalign.train",
+    "fbalign.compare",
+    "fbalign.plot",
     "fbalign.demo",
 ]
 

@@ -253,26 +253,36 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
     return found
 
 
+_STOP: list[str] = []  # names of the stop signals received (SIGINT, SIGTERM) while a run was in progress
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    if _STOP and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+        raise KeyboardInterrupt
+    _STOP.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals() -> None:
+    """Turn SIGINT and SIGTERM into stop requests for this whole process (a worker of ``fbalign compare``): a
+    signal that arrives while a run is still loading its data stops it after its first step."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _request_stop)
+
+
 @contextmanager
 def _stop_requests(enabled: bool) -> Iterator[list[str]]:
-    """Catch SIGINT and SIGTERM: the first sets a flag the loop reads after each step (so a checkpoint is saved
-    and the run returns cleanly); a second SIGINT interrupts at once."""
-    requested: list[str] = []
+    """Catch SIGINT and SIGTERM during a run: the first sets a flag the loop reads after each step (so a checkpoint
+    is saved and the run returns cleanly); a second SIGINT interrupts at once."""
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield requested
+        yield []
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        if requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requested.append(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield _STOP
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _STOP.clear()
 
 
 # -------------------------------------------------------------------------------------------------- the loop
