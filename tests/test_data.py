@@ -78,3 +78,90 @@ def test_debian_fashion_mnist(fashion_mnist_dir):
     assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
     assert set(data.train_y.unique().tolist()) == set(range(10))
     assert 0.0 <= data.train_x.min() and data.train_x.max() <= 1.0
+
+
+# --- the other data sets and preparation --------------------------------------------------------------------
+
+from fbalign import data as fbdata  # noqa: E402
+
+
+def test_torchvision_root_with_both_data_sets_picks_the_right_one(tmp_path):
+    mnist = fake_mnist(tmp_path / "MNIST" / "raw")
+    fashion = fake_mnist(tmp_path / "FashionMNIST" / "raw", n_train=5)
+    assert len(load_mnist_format(tmp_path, "mnist").train_y) == len(mnist["train"][1]) == 6
+    assert len(load_mnist_format(tmp_path, "fashion-mnist").train_y) == len(fashion["train"][1]) == 5
+
+
+def test_mnist_needs_a_directory():
+    with pytest.raises(FileNotFoundError, match="no directory given; download the four MNIST"):
+        fbdata.load("mnist")
+
+
+def test_digits_is_a_seeded_disjoint_split():
+    a, b = fbdata.load_digits(seed=1), fbdata.load_digits(seed=1)
+    assert a.train_x.shape == (1797 - 360, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
+    assert torch.equal(a.test_x, b.test_x) and not torch.equal(a.test_x, fbdata.load_digits(seed=2).test_x)
+    assert a.train_x.max() == 1.0 and a.num_classes == 10 and a.is_classification
+    train_rows = {tuple(r) for r in a.train_x.flatten(1).tolist()}
+    assert sum(tuple(r) in train_rows for r in a.test_x.flatten(1).tolist()) < 5  # digits has a few duplicates
+
+
+def test_linear_teacher_is_lillicraps_task():
+    d = fbdata.linear_teacher(n_train=200, n_test=50, seed=3)
+    teacher = d.extras["T"]
+    assert teacher.shape == (10, 30) and teacher.abs().max() <= 1.0 and teacher.min() < -0.5 < 0.5 < teacher.max()
+    assert d.train_x.shape == (200, 30) and d.test_y.shape == (50, 10) and d.num_classes is None
+    torch.testing.assert_close(d.train_y, d.train_x @ teacher.T, rtol=1e-5, atol=1e-5)
+    assert abs(float(d.train_x.std()) - 1.0) < 0.1
+    assert torch.equal(d.train_x, fbdata.linear_teacher(n_train=200, n_test=50, seed=3).train_x)
+    assert not torch.equal(d.train_x, fbdata.linear_teacher(n_train=200, n_test=50, seed=4).train_x)
+
+
+def test_nonlinear_teacher_computes_the_stated_formula():
+    d = fbdata.nonlinear_teacher(n_train=100, n_test=20, seed=0)
+    e = d.extras
+    assert [e[f"W{i}"].shape for i in range(3)] == [(20, 30), (10, 20), (10, 10)]
+    x = d.test_x
+    y = torch.tanh(torch.tanh(x @ e["W0"].T + e["b0"]) @ e["W1"].T + e["b1"]) @ e["W2"].T + e["b2"]
+    torch.testing.assert_close(d.test_y, y, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 1"):
+        fbdata.nonlinear_teacher(n_train=0)
+
+
+def test_load_checks_names_and_options():
+    with pytest.raises(ValueError, match="unknown data set 'cifar'; choose one of fashion-mnist"):
+        fbdata.load("cifar")
+    with pytest.raises(ValueError, match="no option 'size'; its options are: n_train, n_test"):
+        fbdata.load("linear-teacher", size=3)
+
+
+def test_prepare_pads_resizes_splits_and_normalizes():
+    d = fbdata.load_digits()
+    padded = fbdata.prepare(d, size=12, resize="pad")
+    assert padded.train_x.shape[-2:] == (12, 12)
+    assert torch.equal(padded.train_x[..., 2:10, 2:10], d.train_x) and padded.train_x[..., :2, :].abs().sum() == 0
+    assert fbdata.prepare(d, size=32).test_x.shape == (360, 1, 32, 32)
+    with pytest.raises(ValueError, match="use resize='bilinear'"):
+        fbdata.prepare(d, size=11, resize="pad")
+
+    split = fbdata.prepare(d, validation=100, train_size=1000, normalize=True, seed=5)
+    assert split.val_x.shape[0] == 100 and split.train_x.shape[0] == 1000 and list(split.splits()) == [
+        "train", "val", "test"]
+    assert abs(float(split.train_x.mean())) < 1e-5 and abs(float(split.train_x.std()) - 1) < 1e-3
+    again = fbdata.prepare(d, validation=100, seed=5)
+    raw_val = again.val_x
+    assert torch.equal(fbdata.prepare(d, validation=100, seed=5).val_x, raw_val)
+    train_rows = {tuple(r) for r in again.train_x.flatten(1).tolist()}
+    held_out = [tuple(r) in train_rows for r in raw_val.flatten(1).tolist()]
+    assert sum(held_out) < 3  # disjoint up to the data set's own duplicates
+    with pytest.raises(ValueError, match="between 1 and"):
+        fbdata.prepare(d, validation=len(d.train_x))
+    with pytest.raises(ValueError, match="resizes images"):
+        fbdata.prepare(fbdata.linear_teacher(n_train=10, n_test=5), size=32)
+
+
+def test_dataset_moves_every_tensor():
+    d = fbdata.prepare(fbdata.load_digits(), validation=10)
+    moved = d.to(torch.device("meta"))
+    assert all(t.device.type == "meta" for t in (moved.train_x, moved.val_y, moved.test_x))
+    assert d.train_x.device.type == "cpu"

@@ -209,9 +209,6 @@ def build(name: str, *, input_shape: Sequence[int], num_outputs: int, **options:
     except (TypeError, ValueError):
         params = {}
     supplied = [k for k in automatic if k in params]
-    clash = sorted(set(supplied) & set(options))
-    if clash:
-        raise ValueError(f"model {name!r}: {', '.join(clash)} come(s) from the data set; remove it from the options")
     check_options(factory, options, f"model {name!r}", supplied)
     model = factory(**{k: automatic[k] for k in supplied}, **options)
     if not isinstance(model, nn.Module):
