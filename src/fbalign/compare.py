@@ -67,7 +67,10 @@ def plan_parallelism(runs: int, device: str, jobs: int | None = None) -> tuple[i
 def _canonical(rule: str) -> str:
     if rule == PLAIN_TORCH:
         return rule
-    return rules_module.get(rule).name
+    try:
+        return rules_module.get(rule).name
+    except ValueError as e:
+        raise ConfigError(f"--rules: {e} (or {PLAIN_TORCH!r} for the unconverted model)") from None
 
 
 def _run_one(config: dict[str, Any], rule_section: dict[str, Any], seed: int, threads: int, run_dir: str,
