@@ -27,8 +27,9 @@ demo: setup data
 test: setup data
 	FBALIGN_REQUIRE_DATA=$$(command -v apt-get >/dev/null && echo 1 || echo 0) $(BIN)/python -m pytest -q
 
-bench: setup
+bench: setup data
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/epoch_time.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
