@@ -71,15 +71,17 @@ def test_finished_work_is_never_overwritten(tmp_path):
 
 
 def test_resume_may_extend_a_run_but_not_change_it(tmp_path):
-    short = train(SMALL, run_dir=tmp_path, rule="brsf", epochs=2)
+    scheduled = {**SMALL, "rule": "brsf", "optimizer": {"name": "adam", "lr": 0.01},
+                 "schedule": {"name": "multistep", "milestones": [1, 3]}}
+    short = train(scheduled, run_dir=tmp_path, epochs=2)
     with pytest.raises(RunDirectoryError, match=r"differs from the checkpoint's in optimizer.lr"):
-        train(SMALL, run_dir=tmp_path, resume=True, rule="brsf", optimizer={"name": "sgd", "lr": 0.1,
-                                                                                 "momentum": 0.9})
-    longer = train(SMALL, run_dir=tmp_path, resume=True, rule="brsf", epochs=4)
-    straight = train(SMALL, rule="brsf", epochs=4)
+        train(scheduled, run_dir=tmp_path, resume=True, optimizer={"name": "adam", "lr": 0.1})
+    longer = train(scheduled, run_dir=tmp_path, resume=True, epochs=4)
+    straight = train(scheduled, epochs=4)
     assert longer.history[:2] == short.history
     assert_same_weights(weights(longer.model), weights(straight.model))
     assert without_times(longer.history) == without_times(straight.history)
+    assert [h["lr"] for h in longer.history] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
 
 
 def test_divergence_names_the_step_and_the_learning_rate_and_keeps_the_last_good_checkpoint(tmp_path):
