@@ -7,14 +7,16 @@ bias gradients exactly as autograd would, and the input gradient with ``feedback
   so in Lillicrap et al.'s notation the matrix carrying the error down is ``B = feedback.T``);
 * convolution: the transposed convolution of ``grad_output`` with ``feedback`` (same shape as the kernel).
 
-``feedback=None`` sends no error below the op: the input gets no gradient.
+``feedback=None`` sends no error below the op: the input gets no gradient. ``feedback_nonlinearity=f`` makes
+the feedback path nonlinear: the input receives ``f(grad_output @ feedback)`` (``f`` of the transposed
+convolution), elementwise.
 
 With ``feedback is weight`` both ops reproduce autograd to float tolerance; the tests check this.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +25,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["linear", "conv", "autocast_args"]
+
+Nonlinearity = Callable[[Tensor], Tensor]
 
 
 def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -44,10 +48,11 @@ def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                feedback_scale: Tensor | float | None) -> Tensor:
+                feedback_scale: Tensor | float | None, nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.has_bias = bias is not None
         ctx.has_feedback = feedback is not None
         ctx.feedback_scale = feedback_scale
+        ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(input, feedback)
         return F.linear(input, weight, bias)
 
@@ -64,26 +69,29 @@ class _FeedbackLinear(torch.autograd.Function):
                 grad_input = grad_output.matmul(feedback).mul_(scale)  # scale the smaller of the two
             else:
                 grad_input = grad_output.matmul(feedback * scale)
+            if ctx.nonlinearity is not None:
+                grad_input = ctx.nonlinearity(grad_input)
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-           feedback_scale: Tensor | float | None = None) -> Tensor:
+           feedback_scale: Tensor | float | None = None, feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
     """``F.linear`` whose error reaches ``input`` through ``feedback · feedback_scale`` instead of ``weight``.
 
     Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``;
     ``feedback_scale`` is a number or a 0-dim tensor, applied to whichever of the error or the matrix is
-    smaller. ``feedback`` receives no gradient.
+    smaller. ``feedback`` receives no gradient. ``feedback_nonlinearity``, when given, maps the error after the
+    matrix: ``grad_input = f(grad_output @ feedback)``.
     """
     if feedback is not None and feedback.shape != weight.shape:
         raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
     input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
-    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale)
+    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale, feedback_nonlinearity)
 
 
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -92,8 +100,10 @@ _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class _FeedbackConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+                nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.nonlinearity = nonlinearity
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.has_feedback = feedback is not None
         # With no feedback the kernel only fills convolution_backward's weight slot (its values are unused).
@@ -116,7 +126,9 @@ class _FeedbackConv(torch.autograd.Function):
             grad_output, input, feedback, ctx.bias_sizes, list(stride), list(padding), list(dilation), False,
             [0] * len(stride), groups, mask,
         )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        if grad_input is not None and ctx.nonlinearity is not None:
+            grad_input = ctx.nonlinearity(grad_input)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def conv(
@@ -129,9 +141,10 @@ def conv(
     dilation: Sequence[int],
     groups: int = 1,
     feedback_scale: Tensor | float | None = None,
+    feedback_nonlinearity: Nonlinearity | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d`` (chosen by ``weight.dim()``) whose error reaches ``input`` through
-    ``feedback · feedback_scale``.
+    ``feedback · feedback_scale`` (then ``feedback_nonlinearity``, elementwise, when given).
 
     Shapes: input ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, weight and feedback
     ``(C_out, C_in / groups, *kernel)``. ``padding`` is numeric and symmetric; callers pad asymmetric or
@@ -145,5 +158,6 @@ def conv(
     if unbatched:
         input = input.unsqueeze(0)
     input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
-    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups)
+    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups,
+                              feedback_nonlinearity)
     return out.squeeze(0) if unbatched else out

@@ -71,9 +71,9 @@ class FeedbackLayer(nn.Module):
     def _forward_exact(self, input: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
-        """Forward with the error going below through ``feedback · feedback_scale``."""
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None, feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        """Forward with the error going below through ``feedback · feedback_scale`` (then the nonlinearity)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -139,9 +139,9 @@ class Linear(FeedbackLayer, nn.Linear):
     def _forward_exact(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
-        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale)
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None, feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale, feedback_nonlinearity)
 
 
 class _ConvNd(FeedbackLayer):
@@ -158,8 +158,8 @@ class _ConvNd(FeedbackLayer):
     def _forward_exact(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | None, feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
         pads = self._reversed_padding_repeated_twice
         asymmetric = pads[0::2] != pads[1::2]
         if self.padding_mode != "zeros" or asymmetric:
@@ -170,7 +170,7 @@ class _ConvNd(FeedbackLayer):
         else:
             padding = tuple(pads[-2::-2])  # left pads, back in dimension order
         return functional.conv(input, self.weight, self.bias, feedback, self.stride, padding, self.dilation,
-                               self.groups, feedback_scale)
+                               self.groups, feedback_scale, feedback_nonlinearity)
 
     @classmethod
     def from_module(cls, module: nn.modules.conv._ConvNd, rule: str | FeedbackRule = "fa",
