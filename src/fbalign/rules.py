@@ -45,11 +45,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .nn import FeedbackLayer
 
 __all__ = [
     "FeedbackRule",
     "MatrixRule",
+    "RandomMatrixRule",
     "NONLINEARITIES",
     "Backprop",
     "FA",
@@ -147,6 +150,10 @@ class FeedbackRule:
 
     def setup(self, layer: FeedbackLayer) -> None:
         """Create the rule's per-layer state as buffers on ``layer`` (called once, when the rule is attached)."""
+
+    def setup_model(self, model: nn.Module) -> None:
+        """Set up what needs the model as a whole (called by ``convert`` once every layer has the rule): dfa
+        decides here where the output error comes from. Most rules need nothing."""
 
     def feedback(self, layer: FeedbackLayer) -> Tensor | None:
         """The matrix the error is multiplied by below ``layer``, in ``layer.weight``'s shape; None: no error passes.
@@ -250,43 +257,43 @@ class Backprop(MatrixRule):
         return super().forward(layer, input)
 
 
-@register
 @dataclass(frozen=True)
-class FA(MatrixRule):
-    """Feedback alignment (Lillicrap et al. 2016): a fixed random matrix B of the weight's shape.
+class RandomMatrixRule(MatrixRule):
+    """Base of the rules that start from a random feedback matrix (fa, dfa, kp, wm): its options and its draw.
 
     Args:
         init: ``'uniform'`` U[-a, a]; ``'gaussian'`` N(0, s²); ``'orthogonal'`` a (semi-)orthogonal matrix of
             the flattened kernel; ``'weight'`` a copy of the weight when the rule is attached (the symmetric
-            start of Zipser & Rumelhart, useful as a control).
+            start of Zipser & Rumelhart, useful as a control; not for dfa, whose matrices have other shapes).
         scale: ``a`` for uniform, ``s`` for gaussian, the gain for orthogonal, a factor for ``'weight'``.
-            None (default) gives B the same element variance as torch's default init of W,
-            1 / (3 · fan_in): the error arriving below has the size backprop's would have at init, which keeps
-            deep nets trainable. Lillicrap et al.'s B ~ U[-0.5, 0.5] is ``init='uniform', scale=0.5``.
-        sparsity: fraction of B's entries set to zero, drawn once (sparse feedback).
-        seed: seeds B; None draws from torch's global RNG (so ``torch.manual_seed`` governs it).
+            None (default) gives the matrix the element variance torch's default init gives a weight of its
+            shape, 1 / (3 · fan_in): the error arriving below has the size backprop's would have at init, which
+            keeps deep nets trainable. Lillicrap et al.'s B ~ U[-0.5, 0.5] is ``init='uniform', scale=0.5``.
+        seed: seeds the matrix; None draws from torch's global RNG (so ``torch.manual_seed`` governs it).
     """
 
-    name: ClassVar[str] = "fa"
     init: Literal["uniform", "gaussian", "orthogonal", "weight"] = "uniform"
     scale: float | None = None
-    sparsity: float = 0.0
     seed: int | None = None
+
+    _inits: ClassVar[tuple[str, ...]] = ("uniform", "gaussian", "orthogonal", "weight")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice(self.name, "init", self.init, ("uniform", "gaussian", "orthogonal", "weight"))
+        _check_choice(self.name, "init", self.init, self._inits)
         if self.scale is not None:
             _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
-        _check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0)
-        if self.sparsity == 1.0:
-            raise ValueError("fa: sparsity=1.0 would remove all feedback; use rule='shallow' for that")
 
-    def setup(self, layer: FeedbackLayer) -> None:
-        weight = layer.weight.detach()
-        gen = _generator(self.seed)
-        std = 1.0 / math.sqrt(3.0 * fan_in(weight))
-        b = torch.empty(weight.shape, dtype=torch.float64)
+    def draw(self, shape: torch.Size | tuple[int, ...], weight: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """A float64 CPU matrix of ``shape`` drawn from ``seed`` (or ``generator``); fan_in = prod(shape[1:]).
+
+        Drawn on the CPU in float64 and then cast and moved by the caller, so one seed gives the same matrix on
+        every device and in every dtype (up to rounding).
+        """
+        gen = generator if generator is not None else _generator(self.seed)
+        b = torch.empty(shape, dtype=torch.float64)
+        std = 1.0 / math.sqrt(3.0 * b[0].numel())
         if self.init == "uniform":
             a = self.scale if self.scale is not None else math.sqrt(3.0) * std
             b.uniform_(-a, a, generator=gen)
@@ -297,7 +304,36 @@ class FA(MatrixRule):
             gain = self.scale if self.scale is not None else math.sqrt(rows / (3.0 * min(rows, b[0].numel())))
             torch.nn.init.orthogonal_(b.view(rows, -1), gain=gain, generator=gen)
         else:
+            assert weight is not None and weight.shape == b.shape, "init='weight' needs the weight's shape"
             b.copy_(weight).mul_(1.0 if self.scale is None else self.scale)
+        return b
+
+
+@register
+@dataclass(frozen=True)
+class FA(RandomMatrixRule):
+    """Feedback alignment (Lillicrap et al. 2016): a fixed random matrix B of the weight's shape (buffer
+    ``feedback``), drawn once.
+
+    Args:
+        init, scale, seed: how B is drawn (see :class:`RandomMatrixRule`; by default B has the variance of
+            torch's default init of W).
+        sparsity: fraction of B's entries set to zero, drawn once (sparse feedback).
+    """
+
+    name: ClassVar[str] = "fa"
+    sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity == 1.0:
+            raise ValueError("fa: sparsity=1.0 would remove all feedback; use rule='shallow' for that")
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        weight = layer.weight.detach()
+        gen = _generator(self.seed)
+        b = self.draw(weight.shape, weight, gen)
         if self.sparsity > 0:
             b.mul_(torch.rand(b.shape, generator=gen, dtype=torch.float64) >= self.sparsity)
         layer.register_feedback_buffer("feedback", b.to(weight.dtype).to(weight.device))
