@@ -55,7 +55,13 @@ class FeedbackLayer(nn.Module):
         self._rule_buffers: list[str] = []
         self.rule = new_rule
         new_rule.setup(self)
+        new_rule.attach(self)
         return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy and unpickling
+        super().__setstate__(state)
+        if "rule" in self.__dict__:
+            self.rule.attach(self)
 
     def register_feedback_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
         """Register a buffer that belongs to the rule (removed again when the rule is replaced)."""

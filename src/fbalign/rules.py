@@ -151,6 +151,11 @@ class FeedbackRule:
     def setup(self, layer: FeedbackLayer) -> None:
         """Create the rule's per-layer state as buffers on ``layer`` (called once, when the rule is attached)."""
 
+    def attach(self, layer: FeedbackLayer) -> None:
+        """Called whenever a layer with this rule comes into being: after :meth:`setup`, and again when the layer
+        is deep-copied or unpickled (its buffers come with it). For rules with process-wide bookkeeping (kp's
+        optimizer hooks); most rules need nothing."""
+
     def setup_model(self, model: nn.Module) -> None:
         """Set up what needs the model as a whole (called by ``convert`` once every layer has the rule): dfa
         decides here where the output error comes from. Most rules need nothing."""
