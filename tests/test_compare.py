@@ -71,7 +71,7 @@ def test_compare_runs_the_grid_writes_the_table_and_resumes(tmp_path, capsys):
     with pytest.raises(RunDirectoryError, match="--resume"):
         cmp.compare(GRID, ["frsf", "bp"], [0, 1], out_dir=out, progress=False)
     steps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
-    again = cmp.compare(GRID, ["frsf", "bp", "fa"], [0, 1], out_dir=out, resume=True, jobs=2, progress=False)
+    again = cmp.compare(GRID, ["frsf", "bp", "dfa"], [0, 1], out_dir=out, resume=True, jobs=2, progress=False)
     assert [o.summary["final"] for o in again[:4]] == [o.summary["final"] for o in outcomes]
     assert {p: p.stat().st_mtime_ns for p in steps} == steps  # finished runs were not trained again
-    assert again[4].rule == "fa" and again[4].status == "finished"
+    assert again[4].rule == "dfa" and again[4].status == "finished"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import fbalign
 from fbalign import checkpoint
 from fbalign.cli import main
 from fbalign.config import ConfigError, load_config
@@ -70,18 +71,39 @@ def test_finished_work_is_never_overwritten(tmp_path):
         train(SMALL, run_dir=tmp_path, epochs=1)
 
 
-def test_resume_may_extend_a_run_but_not_change_it(tmp_path):
-    scheduled = {**SMALL, "rule": "brsf", "optimizer": {"name": "adam", "lr": 0.01},
+@pytest.mark.parametrize("rule", ["brsf", "kp", "dfa"])
+def test_resume_may_extend_a_run_but_not_change_it(tmp_path, rule):
+    scheduled = {**SMALL, "rule": rule, "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 1e-3},
                  "schedule": {"name": "multistep", "milestones": [1, 3]}}
     short = train(scheduled, run_dir=tmp_path, epochs=2)
     with pytest.raises(RunDirectoryError, match=r"differs from the checkpoint's in optimizer.lr"):
-        train(scheduled, run_dir=tmp_path, resume=True, optimizer={"name": "adam", "lr": 0.1})
+        train(scheduled, run_dir=tmp_path, resume=True, optimizer={"name": "adam", "lr": 0.1, "weight_decay": 1e-3})
     longer = train(scheduled, run_dir=tmp_path, resume=True, epochs=4)
     straight = train(scheduled, epochs=4)
     assert longer.history[:2] == short.history
     assert_same_weights(weights(longer.model), weights(straight.model))
     assert without_times(longer.history) == without_times(straight.history)
     assert [h["lr"] for h in longer.history] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+
+
+def test_kolen_pollack_feedback_steps_with_the_optimizer_in_the_loop():
+    # With plain SGD, KP's B and W get the same update and the same decay: B − W shrinks by (1 − lr·λ) a step.
+    lr, decay = 0.05, 0.01
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    result = train(SMALL, model=net, rule="kp", epochs=1, optimizer={"name": "sgd", "lr": lr, "weight_decay": decay})
+    layer = result.model[3]
+    torch.manual_seed(0)
+    start = fbalign.convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), "kp",
+                            seed=0)[3]
+    steps = result.final["step"]
+    expected = (start.feedback - start.weight.detach()) * (1 - lr * decay) ** steps
+    torch.testing.assert_close(layer.feedback - layer.weight.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_manhattan_from_the_config():
+    result = train(SMALL, rule="usf", optimizer={"name": "bm", "lr": 1e-3, "momentum": 0.9})
+    assert result.final["test_error"] < 30
 
 
 def test_divergence_names_the_step_and_the_learning_rate_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -208,7 +208,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="train one config with several rules and seeds; tabulate and plot",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="TOML configuration file")
-    p.add_argument("--rules", default="bp,fa,usf,frsf,brsf", help="comma-separated rules (default: %(default)s; "
+    p.add_argument("--rules", default="bp,fa,usf,frsf,brsf,dfa,kp", help="comma-separated rules (default: %(default)s; "
                    f"'{PLAIN_TORCH}' trains the unconverted model)")
     p.add_argument("--seeds", type=_seed_list, default=[0], help="how many seeds (5 → 0..4) or a list (0,3,7)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
