@@ -93,12 +93,14 @@ def _draw(ax: Any, series: list[tuple[np.ndarray, np.ndarray]], label: str, colo
 
 
 def _alignment_keys(runs: Sequence[Run]) -> list[str]:
+    """The alignment quantities to draw: ∡(Δh, Δh_BP) per layer when recorded (Lillicrap et al.'s angle), else
+    every other angle."""
     keys: list[str] = []
     for run in runs:
         for record in run.alignment:
-            keys += [k for k, v in record.items() if k not in ("step", "epoch") and k not in keys
-                     and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return keys
+            keys += [k for k in record if k.startswith("angle") and k not in keys]
+    preferred = [k for k in keys if k.startswith("angle_dh_bp/")]
+    return preferred or keys
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
@@ -151,7 +153,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | No
     if regression:
         axes[1].set_yscale("log")
     if align_keys:
-        axes[2].set(title="alignment", xlabel="epoch", ylabel=", ".join(align_keys) if len(align_keys) <= 2 else "")
+        axes[2].set(title="alignment with backprop", xlabel="epoch", ylabel="angle (degrees)")
+        axes[2].axhline(90, color="grey", lw=0.8, ls=":")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.has_data():

@@ -403,15 +403,17 @@ def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
 
 
 def _alignment_recorder(cfg: Config, model: nn.Module, loss_fn: Any, run: Path | None) -> Any:
+    """An :class:`fbalign.metrics.AlignmentRecorder` writing ``alignment.jsonl`` every ``log.every`` steps."""
     if not cfg.log.alignment:
         return None
+    if run is None:
+        raise ConfigError("log.alignment = true writes alignment.jsonl into the run directory; give one "
+                          "(run_dir=... or --out)")
     try:
         from .metrics import AlignmentRecorder
-    except ImportError as e:
-        raise ConfigError("log.alignment = true needs fbalign.metrics.AlignmentRecorder, which this install "
-                          "lacks") from e
-    path = run / "alignment.jsonl" if run is not None else None
-    return AlignmentRecorder(model, loss_fn, cfg.log.every, path)
+    except ImportError as e:  # pragma: no cover - fbalign.metrics ships with fbalign
+        raise ConfigError("log.alignment = true needs fbalign.metrics, which this install lacks") from e
+    return AlignmentRecorder(model, loss_fn, cfg.log.every, run / "alignment.jsonl")
 
 
 class _Loop:
