@@ -342,6 +342,8 @@ def train(config: Config | Mapping[str, Any] | str | os.PathLike | None = None, 
     loop = _Loop(cfg, model, data, loss_fn, optimizer, scheduler, order, device, run)
     if saved is not None:
         loop.restore(saved)
+        if loop.epoch < cfg.epochs and run is not None:  # an extended run is not finished any more
+            (run / "result.json").unlink(missing_ok=True)
     if run is not None:
         checkpoint.atomic_write_text(run / "config.toml", to_toml(cfg))
     with _stop_requests(handle_signals) as stop:
