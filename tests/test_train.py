@@ -162,6 +162,9 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
     assert main(["train", str(config), "--set", "epoch=3", "--out", str(out)]) == 2
     assert "unknown key 'epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["train", str(config), "--set", "data.name=mnist", "--set", f"data.dir='{tmp_path}'",
+                 "--out", str(tmp_path / "mnist")]) == 2
+    assert "download the four MNIST IDX files" in capsys.readouterr().err
     assert main(["train", str(config), "--set", "log.progress=false", "--out", str(out)]) == 0
     assert main(["train", str(config), "--set", "log.progress=false", "--out", str(out)]) == 2
     assert "already holds a run; continue it with --resume" in capsys.readouterr().err
