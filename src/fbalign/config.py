@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import data as data_module
 from . import models, rules
 from ._util import check_options
+from .optim import BatchManhattan
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,28 +60,22 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid; the message names the key and the choices."""
 
 
-def _optimizers() -> dict[str, Any]:
-    found = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-             "rmsprop": torch.optim.RMSprop}
-    try:
-        from .optim import BatchManhattan
-    except ImportError:  # pragma: no cover - fbalign.optim arrives with the Batch Manhattan optimizer
-        pass
-    else:
-        found["bm"] = BatchManhattan
-    return found
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "bm": BatchManhattan,
+}
+"""Optimizers by name; ``bm`` is Batch Manhattan (SGD along the sign of the batch gradient)."""
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class for a configuration name (``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``bm``)."""
-    found = _optimizers()
-    if name not in found:
-        raise ConfigError(f"optimizer.name = {name!r} is not available here; choose one of {', '.join(found)}")
-    return found[name]
+    """The optimizer class for a configuration name (see :data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name = {name!r} is not valid; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
 
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
-"""Optimizer names; ``bm`` (Batch Manhattan: the sign of the batch gradient) is ``fbalign.optim.BatchManhattan``."""
 
 SCHEDULES: dict[str, Any] = {
     "constant": None,
