@@ -20,8 +20,9 @@ from fbalign.cli import main
 from fbalign.config import ConfigError, load_config
 from fbalign.train import DivergedError, RunDirectoryError, train
 
-SMALL = {"epochs": 3, "batch_size": 32, "model": {"name": "mlp", "hidden": [32]}, "data": {"name": "digits"},
-         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "log": {"progress": False}}
+SMALL = {"epochs": 3, "batch_size": 32, "threads": 1, "model": {"name": "mlp", "hidden": [32]},
+         "data": {"name": "digits"}, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+         "log": {"progress": False}}
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,7 +134,7 @@ def test_model_and_data_objects_from_a_script():
 
     data = linear_teacher(n_train=1000, n_test=200, seed=1)
     net = nn.Sequential(nn.Linear(30, 20, bias=False), nn.Linear(20, 10, bias=False))
-    result = train(model=net, data=data, rule="fa", loss="sse", epochs=4, batch_size=10,
+    result = train(model=net, data=data, rule="fa", loss="sse", epochs=4, batch_size=10, threads=1,
                    optimizer={"name": "sgd", "lr": 0.01}, log={"progress": False})
     nse = [h["test_nse"] for h in result.history]
     assert nse[-1] < 0.01 < nse[0] and result.model is net
@@ -175,7 +176,7 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
 
 def test_cli_train_then_plot(tmp_path, capsys):
     config = tmp_path / "c.toml"
-    config.write_text('epochs = 2\nbatch_size = 32\nrule = "usf"\n[log]\nevery = 5\nprogress = false\n')
+    config.write_text('epochs = 2\nbatch_size = 32\nthreads = 1\nrule = "usf"\n[log]\nevery = 5\nprogress = false\n')
     for seed in (0, 1):
         assert main(["train", str(config), "--set", f"seed={seed}", "--out", str(tmp_path / f"s{seed}")]) == 0
     assert "finished 2 epoch(s): test error" in capsys.readouterr().out

@@ -269,22 +269,14 @@ def prepare(data: TensorDataset, *, size: int | None = None, resize: Literal["bi
             seed: int = 0) -> TensorDataset:
     """Make a data set ready for training, in this order:
 
-    1. ``size``: images become ``size × size``, by bilinear interpolation or by zero-padding evenly
-       (``resize='pad'``, e.g. 28 → 32 as for LeNet-5).
-    2. ``validation``: hold out that many training examples (drawn with ``seed``) as the validation split.
-    3. ``train_size``: keep only the first ``train_size`` of the remaining training examples.
+    1. ``validation``: hold out that many training examples (drawn with ``seed``) as the validation split.
+    2. ``train_size``: keep only the first ``train_size`` of the remaining training examples.
+    3. ``size``: images become ``size × size``, by bilinear interpolation or by zero-padding evenly
+       (``resize='pad'``, e.g. 28 → 32 as for LeNet-5); only the examples kept are resized.
     4. ``normalize``: standardize inputs with the mean and standard deviation (per channel for images) of
        the training split, applied to every split.
     """
     splits = {k: list(v) for k, v in data.splits().items()}
-    if size is not None:
-        if data.train_x.dim() != 4:
-            raise ValueError(f"{data.name}: size={size} resizes images, but the inputs have shape "
-                             f"{data.input_shape}; remove data.size")
-        if resize not in ("bilinear", "pad"):
-            raise ValueError(f"resize={resize!r}; choose 'bilinear' or 'pad'")
-        for xy in splits.values():
-            xy[0] = _resize(xy[0], size, resize)
     x, y = splits["train"]
     if validation:
         if "val" in splits:
@@ -300,7 +292,16 @@ def prepare(data: TensorDataset, *, size: int | None = None, resize: Literal["bi
             raise ValueError(f"train_size={train_size} must lie between 1 and {len(x)} (the training examples)")
         x, y = x[:train_size], y[:train_size]
     splits["train"] = [x, y]
+    if size is not None:
+        if data.train_x.dim() != 4:
+            raise ValueError(f"{data.name}: size={size} resizes images, but the inputs have shape "
+                             f"{data.input_shape}; remove data.size")
+        if resize not in ("bilinear", "pad"):
+            raise ValueError(f"resize={resize!r}; choose 'bilinear' or 'pad'")
+        for xy in splits.values():
+            xy[0] = _resize(xy[0], size, resize)
     if normalize:
+        x = splits["train"][0]
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() == 4 else [0]
         mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True).clamp_min(1e-8)
         for xy in splits.values():

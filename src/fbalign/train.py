@@ -315,9 +315,18 @@ def train(config: Config | Mapping[str, Any] | str | os.PathLike | None = None, 
     if model_object is not None:
         cfg.model = {"name": f"<{type(model_object).__name__} object>"}  # type: ignore[assignment]
     device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Path(run_dir) if run_dir is not None else None
+    try:
+        return _train(cfg, device, Path(run_dir) if run_dir is not None else None, resume, handle_signals,
+                      model_object, data_object)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting: config.threads holds for this run only
+
+
+def _train(cfg: Config, device: torch.device, run: Path | None, resume: bool, handle_signals: bool,
+           model_object: nn.Module | None, data_object: TensorDataset | None) -> TrainResult:
     saved = _open_run_directory(run, cfg, resume)
 
     random.seed(cfg.seed)
