@@ -315,6 +315,8 @@ def test_measuring_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
     last = assert_same_training(noisy_mlp, rule, x, y, tmp_path)
     angles = [v for k, v in last.items() if k.startswith("angle_")]
     assert all(0.0 <= v <= 180.0 for v in angles if not math.isnan(v))
+    if rule == "backprop":  # both passes drew the same dropout masks, so they agree exactly
+        assert set(angles) == {0.0}
     if rule != "shallow":
         assert all(not math.isnan(v) for k, v in last.items() if k.startswith("angle_dh_bp/"))
 
@@ -354,5 +356,6 @@ def test_feedback_alignment_on_the_linear_task_aligns_within_a_few_thousand_exam
     assert max(angles[2:]) < 45.0  # from 500 examples on, well below 90°
     assert 0.2 < records[0]["frac_agree_dh_bp/1"] < 0.8
     assert records[-1]["frac_agree_dh_bp/1"] == 1.0  # eᵀ W B e > 0 for every probe example
+    assert records[-1]["angle_dh_pbp/1"] < records[0]["angle_dh_pbp/1"] - 30  # W becomes B's local pseudo-inverse
     assert records[0]["nse_reference"] == pytest.approx(1.0, abs=0.01)
     assert records[-1]["nse_reference"] < 1e-2

@@ -57,17 +57,24 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 def _angles_between_rows(a: Tensor, b: Tensor) -> Tensor:
-    """Degrees between the rows of two ``(N, D)`` tensors, NaN where a row is zero.
+    """Degrees between the rows of two ``(N, D)`` tensors as float64 ``(N,)``, NaN where a row is zero.
 
-    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` rather than ``acos(â·b̂)``: exact at 0° and 180°, where acos loses half the
-    digits (two equal vectors give exactly 0).
+    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` rather than ``acos(â·b̂)``: accurate at 0° and 180°, where acos loses half the
+    digits, even in float32 (two equal vectors give exactly 0); so half-precision input is widened to float32 only.
     """
-    a, b = a.double(), b.double()
-    norm_a, norm_b = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    a, b = _at_least_float32(a), _at_least_float32(b)
+    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
     unit_a, unit_b = a / norm_a, b / norm_b
-    radians = 2 * torch.atan2((unit_a - unit_b).norm(dim=1), (unit_a + unit_b).norm(dim=1))
+    apart = torch.linalg.vector_norm(unit_a - unit_b, dim=1)
+    together = torch.linalg.vector_norm(unit_a.add_(unit_b), dim=1)
+    degrees = torch.rad2deg(2 * torch.atan2(apart.double(), together.double()))
     defined = (norm_a > 0).squeeze(1) & (norm_b > 0).squeeze(1)
-    return torch.where(defined, torch.rad2deg(radians), torch.nan)
+    return torch.where(defined, degrees, torch.nan)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def angle(a: Tensor, b: Tensor) -> Tensor:
@@ -111,8 +118,10 @@ class _Pass:
 
     loss: Tensor
     outputs: Any  # what the model returned
-    dh: dict[str, list[Tensor]] = field(default_factory=dict)  # layer -> Δh = -∂L/∂input, one per call
-    output_errors: dict[str, list[Tensor]] = field(default_factory=dict)  # layer -> e = -∂L/∂output, per call
+    # Gradients, not updates: every comparison below has the same sign flip on both sides (Δh = −∂L/∂input,
+    # e = −∂L/∂output, ΔW = −∂L/∂W), which changes no angle, dot-product sign or norm ratio.
+    dh: dict[str, list[Tensor]] = field(default_factory=dict)  # layer -> ∂L/∂input, one per call
+    output_errors: dict[str, list[Tensor]] = field(default_factory=dict)  # layer -> ∂L/∂output, one per call
     grads: dict[str, Tensor | None] = field(default_factory=dict)  # parameter -> ∂L/∂parameter
 
 
@@ -153,7 +162,7 @@ def _run_pass(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
     result = _Pass(loss.detach(), outputs, grads=dict(zip(params, grads[len(hidden):])))
     for name, layer_calls in calls.items():
         if layer_calls and all(x.requires_grad for x, _ in layer_calls):
-            result.dh[name] = [_negated(grad_of[id(x)], x) for x, _ in layer_calls]
+            result.dh[name] = [_or_zeros(grad_of[id(x)], x) for x, _ in layer_calls]
             if name in errors:
                 result.output_errors[name] = [errors[name].get(i, torch.zeros_like(y))
                                               for i, (_, y) in enumerate(layer_calls)]
@@ -162,19 +171,21 @@ def _run_pass(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
 
 def _keep(errors: dict[int, Tensor], index: int, grad: Tensor | None) -> None:
     if grad is not None:
-        errors[index] = -grad
+        errors[index] = grad
 
 
-def _negated(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else -grad
+def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A gradient that autograd left as None (nothing reached the tensor) is zero."""
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _per_example(tensors: list[Tensor], n: int) -> Tensor:
-    """Concatenate a layer's tensors (one per call) into ``(n, D)`` rows, one per example; a single row when the
-    leading dimension is not the batch's."""
-    if all(t.dim() > 0 and t.shape[0] == n for t in tensors):
-        return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
-    return torch.cat([t.reshape(1, -1) for t in tensors], dim=1)
+    """A layer's tensors (one per call) as ``(n, D)`` rows, one per example; a single row when the leading
+    dimension is not the batch's."""
+    rows = n if all(t.dim() > 0 and t.shape[0] == n for t in tensors) else 1
+    if len(tensors) == 1:
+        return tensors[0].reshape(rows, -1)
+    return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
 
 
 @contextlib.contextmanager
@@ -287,7 +298,8 @@ def measure_alignment(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
             if name in rule.dh and name in bp.dh:
                 dh, dh_bp = _per_example(rule.dh[name], n), _per_example(bp.dh[name], n)
                 groups["angle_dh_bp"][label] = example_angles(dh, dh_bp).nanmean()
-                groups["frac_agree_dh_bp"][label] = ((dh.double() * dh_bp.double()).sum(1) > 0).double().mean()
+                agree = torch.linalg.vecdot(_at_least_float32(dh), _at_least_float32(dh_bp)) > 0
+                groups["frac_agree_dh_bp"][label] = agree.double().mean()
                 if name in rule.output_errors:
                     w_pinv_t = torch.linalg.pinv(layer.weight.detach()).mT
                     dh_pbp = _per_example([e @ w_pinv_t for e in rule.output_errors[name]], n)
@@ -296,12 +308,13 @@ def measure_alignment(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
             feedback = layer.rule.feedback(layer)
             if feedback is not None and feedback.shape == weight.shape:
                 groups["angle_b_wt"][label] = angle(feedback, weight)
-                groups["norm_ratio_b_w"][label] = feedback.double().norm() / weight.double().norm()
+                groups["norm_ratio_b_w"][label] = (torch.linalg.vector_norm(feedback, dtype=torch.float64)
+                                                   / torch.linalg.vector_norm(weight, dtype=torch.float64))
         params = dict(model.named_parameters())
         for name, grad in rule.grads.items():
             grad_bp = bp.grads[name]
             if grad is not None or grad_bp is not None:
-                groups["angle_grad_bp"][name] = angle(_negated(grad, params[name]), _negated(grad_bp, params[name]))
+                groups["angle_grad_bp"][name] = angle(_or_zeros(grad, params[name]), _or_zeros(grad_bp, params[name]))
     for group, per_name in groups.items():
         values.update({f"{group}/{name}": v for name, v in per_name.items()})
     # One transfer for all the numbers (one device sync on an accelerator).
