@@ -5,7 +5,7 @@
     >>> print(fbalign.summary(model))
 """
 
-from . import functional, metrics, nn, rules
+from . import functional, metrics, nn, optim, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
 from .nn import exact_backprop, feedback_layers
 from .rules import FeedbackRule
@@ -13,4 +13,4 @@ from .rules import FeedbackRule
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "exact_backprop", "feedback_layers", "__version__"]
+           "functional", "metrics", "optim", "exact_backprop", "feedback_layers", "__version__"]
