@@ -351,6 +351,10 @@ def test_feedback_alignment_on_the_linear_task_aligns_within_a_few_thousand_exam
             half_squared_error(model(x), x @ target_map.T).backward()
             optimizer.step()
     records = load_records(tmp_path / "linear.jsonl")
+    print("\nexamples  ∡(Δh,Δh_BP)  frac eᵀWBe>0  ∡(Δh,W⁺e)  NSE (held out)")  # shown by pytest -s
+    for r in records:
+        print(f"{r['step']:8d}  {r['angle_dh_bp/1']:11.1f}  {r['frac_agree_dh_bp/1']:12.3f}  "
+              f"{r['angle_dh_pbp/1']:9.1f}  {r['nse_reference']:.2e}")
     angles = [r["angle_dh_bp/1"] for r in records]
     assert 80.0 < angles[0] < 100.0  # random B against a tiny random W: no alignment
     assert max(angles[2:]) < 45.0  # from 500 examples on, well below 90°

@@ -59,15 +59,16 @@ LossFn = Callable[[Any, Any], Tensor]
 def _angles_between_rows(a: Tensor, b: Tensor) -> Tensor:
     """Degrees between the rows of two ``(N, D)`` tensors as float64 ``(N,)``, NaN where a row is zero.
 
-    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` rather than ``acos(â·b̂)``: accurate at 0° and 180°, where acos loses half the
-    digits, even in float32 (two equal vectors give exactly 0); so half-precision input is widened to float32 only.
+    ``2·atan2(‖b − k·a‖, ‖b + k·a‖)`` with ``k = ‖b‖/‖a‖`` (Kahan's ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` scaled by ‖b‖)
+    rather than ``acos(â·b̂)``: accurate at 0° and 180°, where acos loses half the digits, even in float32 (two
+    equal vectors give exactly 0); so half-precision input is only widened to float32. Four passes over the data.
     """
     a, b = _at_least_float32(a), _at_least_float32(b)
     norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
     norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    unit_a, unit_b = a / norm_a, b / norm_b
-    apart = torch.linalg.vector_norm(unit_a - unit_b, dim=1)
-    together = torch.linalg.vector_norm(unit_a.add_(unit_b), dim=1)
+    k = norm_b / norm_a
+    apart = torch.linalg.vector_norm(torch.addcmul(b, a, k, value=-1), dim=1)
+    together = torch.linalg.vector_norm(torch.addcmul(b, a, k), dim=1)
     degrees = torch.rad2deg(2 * torch.atan2(apart.double(), together.double()))
     defined = (norm_a > 0).squeeze(1) & (norm_b > 0).squeeze(1)
     return torch.where(defined, degrees, torch.nan)
@@ -308,8 +309,7 @@ def measure_alignment(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
             feedback = layer.rule.feedback(layer)
             if feedback is not None and feedback.shape == weight.shape:
                 groups["angle_b_wt"][label] = angle(feedback, weight)
-                groups["norm_ratio_b_w"][label] = (torch.linalg.vector_norm(feedback, dtype=torch.float64)
-                                                   / torch.linalg.vector_norm(weight, dtype=torch.float64))
+                groups["norm_ratio_b_w"][label] = feedback.norm() / weight.norm()
         params = dict(model.named_parameters())
         for name, grad in rule.grads.items():
             grad_bp = bp.grads[name]
