@@ -18,6 +18,16 @@ from fbalign import rules
 from fbalign.metrics import AlignmentRecorder, angle, example_angles, load_records, measure_alignment, nse
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These nets are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine OpenMP's hand-offs
+    make them ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Lillicrap et al.'s L = ½‖e‖², averaged over the batch."""
     return 0.5 * (targets - outputs).square().sum(-1).mean()
