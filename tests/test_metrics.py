@@ -222,6 +222,67 @@ def test_conv_net_parameter_angles_match_two_separate_backward_passes():
     assert {"angle_b_wt/0", "angle_b_wt/2", "angle_dh_bp/2"} <= set(values)
 
 
+def test_direct_feedback_alignment_matches_hand_computation_and_has_no_b_w_angle_below_the_source():
+    """Nøkland's DFA: every hidden layer's input receives e·B_l straight from the output error e; backprop's goes
+    down the W-chain. Layer '0' (6→3) has a B_l of W's shape (3 outputs = 3 units of error), yet no ∡(B, Wᵀ)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = fbalign.convert(model, "dfa", seed=0)
+    x, t = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    values = measure_alignment(model, half_squared_error, x, t)
+
+    l0, l2, l4 = model[0], model[2], model[4]
+    h0 = torch.tanh(x @ l0.weight.T + l0.bias)
+    h1 = torch.tanh(h0 @ l2.weight.T + l2.bias)
+    e = (t - h1 @ l4.weight.T - l4.bias).detach()
+    dh1, dh1_bp = e @ l4.direct_feedback, e @ l4.weight.detach()
+    dh0 = e @ l2.direct_feedback
+    dh0_bp = (dh1_bp * (1 - h1.detach() ** 2)) @ l2.weight.detach()
+    assert values["angle_dh_bp/4"] == pytest.approx(example_angles(dh1, dh1_bp).mean().item(), abs=1e-9)
+    assert values["angle_dh_bp/2"] == pytest.approx(example_angles(dh0, dh0_bp).mean().item(), abs=1e-9)
+    assert l0.direct_feedback.shape == l0.weight.shape
+    assert set(keyed(values, "angle_b_wt")) == {"4"}  # the error source's B is a feedback matrix like fa's
+    assert values["angle_b_wt/4"] == pytest.approx(angle(l4.direct_feedback, l4.weight).item(), abs=1e-9)
+
+
+def regression_task(rule: str, **options):
+    """A tanh student learning a random tanh teacher: targets in output space, so NSE is defined."""
+    torch.manual_seed(2)
+    teacher = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    x = torch.randn(256, 6, dtype=torch.float64)
+    with torch.no_grad():
+        t = teacher(x)
+    student = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    return fbalign.convert(student, rule, seed=0, **options), x, t
+
+
+def test_kolen_pollack_feedback_comes_to_mirror_the_weights(tmp_path):
+    model, x, t = regression_task("kp", decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with AlignmentRecorder(model, half_squared_error, every=40, path=tmp_path / "kp.jsonl") as recorder:
+        for step in range(121):
+            recorder.record(step, x, t)
+            optimizer.zero_grad()
+            half_squared_error(model(x), t).backward()
+            optimizer.step()
+    first, last = load_records(tmp_path / "kp.jsonl")[::3]
+    for layer in ("0", "2", "4"):
+        assert first[f"angle_b_wt/{layer}"] > 60.0 and last[f"angle_b_wt/{layer}"] < 5.0
+    for layer in ("2", "4"):
+        assert last[f"angle_dh_bp/{layer}"] < 5.0 < first[f"angle_dh_bp/{layer}"]
+    assert last["nse"] < first["nse"]
+
+
+def test_weight_mirrors_align_b_in_a_mirror_phase():
+    model, x, t = regression_task("wm")
+    before = measure_alignment(model, half_squared_error, x, t)
+    fbalign.mirror(model, steps=300, batch_size=256)
+    after = measure_alignment(model, half_squared_error, x, t)
+    for layer in ("0", "2", "4"):
+        assert before[f"angle_b_wt/{layer}"] > 60.0 and after[f"angle_b_wt/{layer}"] < 10.0
+    assert after["angle_dh_bp/2"] < 10.0 < before["angle_dh_bp/2"]
+
+
 def test_shallow_sends_nothing_down_so_angles_below_are_undefined():
     values = measure_alignment(mlp("shallow"), half_squared_error, torch.randn(8, 6, dtype=torch.float64),
                                torch.randn(8, 3, dtype=torch.float64))
@@ -284,7 +345,7 @@ def noisy_cnn(rule: str) -> nn.Module:
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recorder: AlignmentRecorder | None, steps: int = 6):
     """SGD with momentum; batches drawn from the global RNG, which also drives dropout and brsf."""
     torch.manual_seed(5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)  # decay: kp's λ
     model.train()
     for step in range(steps):
         idx = torch.randperm(len(x))[:16]
@@ -331,7 +392,7 @@ def test_measuring_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
         assert all(not math.isnan(v) for k, v in last.items() if k.startswith("angle_dh_bp/"))
 
 
-@pytest.mark.parametrize("rule", ["fa", "brsf"])
+@pytest.mark.parametrize("rule", ["fa", "brsf", "dfa", "kp"])
 def test_measuring_a_conv_net_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
     assert_same_training(noisy_cnn, rule, torch.randn(64, 2, 7, 7), torch.randint(0, 3, (64,)), tmp_path)
 

@@ -16,7 +16,7 @@ from fbalign.nn import Conv1d, Conv2d, Conv3d, Linear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-ALL_RULES = ["backprop", "fa", "usf", "frsf", "brsf", "pbp", "shallow"]
+ALL_RULES = ["backprop", "fa", "usf", "frsf", "brsf", "pbp", "shallow", "kp", "wm"]  # dfa: tests/test_dfa.py
 
 
 def seeded(rule: str, seed: int = 0) -> dict:
@@ -29,7 +29,7 @@ def make_feedback_equal_weight(layer: fbalign.nn.FeedbackLayer, monkeypatch) -> 
     w = layer.weight
     with torch.no_grad():
         name = layer.rule.name
-        if name == "fa":
+        if name in ("fa", "kp", "wm"):
             layer.feedback.copy_(w)
         elif name in ("usf", "frsf", "brsf"):
             w.copy_(torch.sign(torch.randn_like(w)) * 0.2)  # V = sign(W)·rms(W) = W when |W| is constant
@@ -135,7 +135,7 @@ def test_fa_hidden_update_differs_from_backprop():
     assert not torch.allclose(model[0].weight.grad, gw1_bp)
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "brsf", "pbp", "shallow"])
+@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "brsf", "pbp", "shallow", "kp", "wm"])
 def test_buffers_are_state_not_parameters(rule):
     options = {"concordance": 0.5} if rule in ("usf", "frsf", "brsf") else {}
     layer = Linear(6, 5, rule=rule, **options, **seeded(rule))

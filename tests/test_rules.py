@@ -28,7 +28,10 @@ def test_unknown_rule_names_the_valid_ones():
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"rule 'fa' has no option 'colour'; its options are: init, scale, "):
         rules.get("fa", colour="red")
-    with pytest.raises(ValueError, match="rule 'backprop' has no option 'seed'; its options are: none"):
+    with pytest.raises(ValueError, match="rule 'shallow' has no option 'seed'; its options are: none"):
+        Linear(3, 2, rule="shallow", seed=1)
+    with pytest.raises(ValueError, match="rule 'backprop' has no option 'seed'; its options are: "
+                                         "feedback_nonlinearity, feedback_saturation"):
         Linear(3, 2, rule="backprop", seed=1)
 
 
@@ -184,3 +187,81 @@ def test_rule_repr_shows_changed_options():
     assert str(rules.FA()) == "fa"
     assert str(rules.FA(init="gaussian", seed=2)) == "fa(init='gaussian', seed=2)"
     assert "rule=usf(concordance=0.7" in repr(Linear(3, 2, rule="usf", concordance=0.7, seed=0))
+
+
+# --- A nonlinear feedback pathway -------------------------------------------------------------------------------
+
+MATRIX_RULES = ["backprop", "fa", "usf", "frsf", "brsf", "pbp"]
+
+
+def _hand_nonlinear_hidden_grad(model, x, t, down, f):
+    """W1's gradient for L = ½‖y − t‖² when the output error goes down through ``down`` and then ``f``."""
+    w1, b1, w2, b2 = (p.detach() for p in (model[0].weight, model[0].bias, model[2].weight, model[2].bias))
+    h1 = torch.sigmoid(x @ w1.T + b1)
+    e = h1 @ w2.T + b2 - t
+    return ((f(e @ down) * h1 * (1 - h1)).T @ x)
+
+
+@pytest.mark.parametrize("rule", MATRIX_RULES)
+@pytest.mark.parametrize("nonlinearity,saturation,f", [
+    ("tanh", 1.0, torch.tanh),
+    ("hardtanh", 0.3, lambda v: 0.3 * v.div(0.3).clamp(-1, 1)),
+    ("relu", 1.0, torch.relu),
+    (torch.sin, 0.5, lambda v: 0.5 * torch.sin(v / 0.5)),
+])
+def test_nonlinear_feedback_path_is_f_of_feedback_times_error(rule, nonlinearity, saturation, f):
+    torch.manual_seed(3)
+    options = dict(feedback_nonlinearity=nonlinearity, feedback_saturation=saturation)
+    seed = {"seed": 2} if "seed" in rules.get(rule).__dataclass_fields__ else {}
+    model = torch.nn.Sequential(Linear(5, 4, rule="backprop", dtype=torch.float64), torch.nn.Sigmoid(),
+                                Linear(4, 3, rule=rule, dtype=torch.float64, **options, **seed))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = 3 * torch.randn(6, 3, dtype=torch.float64)  # errors of order 1, so the nonlinearity bends them
+    (0.5 * (model(x) - t).square().sum()).backward()
+    top = model[2]
+    down = top.rule.feedback(top)
+    expected = _hand_nonlinear_hidden_grad(model, x, t, down, f)
+    torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-10, atol=1e-12)
+    linear = _hand_nonlinear_hidden_grad(model, x, t, down, lambda v: v)
+    assert not torch.allclose(model[0].weight.grad, linear, rtol=1e-3)  # the nonlinearity did act
+
+
+def test_nonlinear_feedback_in_convolutions():
+    torch.manual_seed(0)
+    conv = Conv2d(2, 3, 3, padding=1, rule="fa", feedback_nonlinearity="softsign", feedback_saturation=0.1,
+                  dtype=torch.float64)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    conv(x).backward(g)
+    linear_path = torch.nn.grad.conv2d_input(x.shape, conv.feedback, g, padding=1)
+    torch.testing.assert_close(x.grad, 0.1 * torch.nn.functional.softsign(linear_path / 0.1))
+
+
+def test_nonlinearity_names_callables_repr_and_toml():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    options = tomllib.loads('feedback_nonlinearity = "tanh"\nfeedback_saturation = 0.01\nseed = 1')
+    rule = rules.get("fa", **options)
+    assert str(rule) == "fa(seed=1, feedback_nonlinearity='tanh', feedback_saturation=0.01)"
+    assert str(rules.get("usf", feedback_nonlinearity=torch.tanh)) == "usf(feedback_nonlinearity=tanh)"
+    assert rules.get("fa", feedback_nonlinearity="identity")._nonlinearity is None
+    with pytest.raises(ValueError, match="feedback_nonlinearity='swish' is not a known name; use a callable or one "
+                                         "of: hardtanh, relu, sign, softsign, tanh, identity"):
+        rules.get("fa", feedback_nonlinearity="swish")
+    with pytest.raises(TypeError, match="feedback_nonlinearity must be a name, a callable or None, not int"):
+        rules.get("fa", feedback_nonlinearity=3)
+    with pytest.raises(ValueError, match=r"feedback_saturation=0.0 must lie in \(0.0, inf\]"):
+        rules.get("fa", feedback_saturation=0.0)
+    with pytest.raises(ValueError, match="rule 'shallow' has no option 'feedback_nonlinearity'"):
+        rules.get("shallow", feedback_nonlinearity="tanh")
+
+
+def test_backprop_without_nonlinearity_stays_plain_autograd():
+    layer = Linear(4, 3, rule="backprop")
+    out = layer(torch.randn(2, 4, requires_grad=True))
+    assert type(out.grad_fn).__name__ == "AddmmBackward0"
+    bent = Linear(4, 3, rule="backprop", feedback_nonlinearity="tanh")
+    assert "Feedback" in type(bent(torch.randn(2, 4, requires_grad=True)).grad_fn).__name__

@@ -5,12 +5,14 @@
     >>> print(fbalign.summary(model))
 """
 
-from . import functional, metrics, nn, optim, rules
+from . import dfa, functional, metrics, nn, optim, plastic, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
 from .nn import exact_backprop, feedback_layers
+from .plastic import mirror
 from .rules import FeedbackRule
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "optim", "exact_backprop", "feedback_layers", "__version__"]
+           "functional", "metrics", "optim", "dfa", "plastic", "mirror", "exact_backprop", "feedback_layers",
+           "__version__"]

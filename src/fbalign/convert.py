@@ -150,7 +150,9 @@ def convert(model: _M, rule: str | FeedbackRule = "fa", *, inplace: bool = False
     if single is not None:
         raise TypeError(f"convert() takes a model that contains layers; to convert a single {type(model).__name__} "
                         f"use fbalign.nn.{single.__name__}.from_module(layer, rule)")
+    fbnn.ModelWiring.remove(model)  # a previous rule's model-level machinery (dfa's) goes with it
     walk(model)
+    template.setup_model(model)
     skipped = unconverted(model)
     if skipped:
         listed = "\n".join(f"  {name}: {why}" for name, why in skipped.items())
@@ -171,6 +173,7 @@ def summary(model: nn.Module) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     n_layers = len(rows) - 1
     lines.append(f"{n_layers} feedback layer(s)")
+    lines.extend(wiring.describe() for wiring in fbnn.ModelWiring.installed(model))
     skipped = unconverted(model)
     if skipped:
         lines.append(f"{len(skipped)} module(s) with exact backprop (weight transport):")

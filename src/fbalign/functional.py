@@ -7,14 +7,18 @@ bias gradients exactly as autograd would, and the input gradient with ``feedback
   so in Lillicrap et al.'s notation the matrix carrying the error down is ``B = feedback.T``);
 * convolution: the transposed convolution of ``grad_output`` with ``feedback`` (same shape as the kernel).
 
-``feedback=None`` sends no error below the op: the input gets no gradient.
+``feedback=None`` sends no error below the op: the input gets no gradient. ``feedback_nonlinearity=f`` makes
+the feedback path nonlinear: the input receives ``f(grad_output @ feedback)`` (``f`` of the transposed
+convolution), elementwise. ``feedback`` may also be a callable ``(grad_output, input) -> grad_input`` that
+computes the input's gradient itself (how direct feedback alignment sends the output error instead); the op
+then computes only the weight and bias gradients.
 
 With ``feedback is weight`` both ops reproduce autograd to float tolerance; the tests check this.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +27,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["linear", "conv", "autocast_args"]
+
+Nonlinearity = Callable[[Tensor], Tensor]
+SendDown = Callable[[Tensor, Tensor], Tensor]
+"""``(grad_output, input) -> grad_input``: an input gradient computed without a feedback matrix (see dfa)."""
 
 
 def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -43,12 +51,14 @@ def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 # several percent of a small network's step.
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                feedback_scale: Tensor | float | None) -> Tensor:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                feedback_scale: Tensor | float | None, nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.has_bias = bias is not None
         ctx.has_feedback = feedback is not None
+        ctx.send_down = None if feedback is None or isinstance(feedback, Tensor) else feedback
         ctx.feedback_scale = feedback_scale
-        ctx.save_for_backward(input, feedback)
+        ctx.nonlinearity = nonlinearity
+        ctx.save_for_backward(input, None if ctx.send_down is not None else feedback)
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -56,7 +66,9 @@ class _FeedbackLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, feedback = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and ctx.has_feedback:
+        if ctx.needs_input_grad[0] and ctx.send_down is not None:
+            grad_input = ctx.send_down(grad_output, input)
+        elif ctx.needs_input_grad[0] and ctx.has_feedback:
             scale = ctx.feedback_scale
             if scale is None:
                 grad_input = grad_output.matmul(feedback)
@@ -64,26 +76,33 @@ class _FeedbackLinear(torch.autograd.Function):
                 grad_input = grad_output.matmul(feedback).mul_(scale)  # scale the smaller of the two
             else:
                 grad_input = grad_output.matmul(feedback * scale)
+            if ctx.nonlinearity is not None:
+                grad_input = ctx.nonlinearity(grad_input)
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-           feedback_scale: Tensor | float | None = None) -> Tensor:
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+           feedback_scale: Tensor | float | None = None, feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
     """``F.linear`` whose error reaches ``input`` through ``feedback · feedback_scale`` instead of ``weight``.
 
     Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``;
     ``feedback_scale`` is a number or a 0-dim tensor, applied to whichever of the error or the matrix is
-    smaller. ``feedback`` receives no gradient.
+    smaller. ``feedback`` receives no gradient. ``feedback_nonlinearity``, when given, maps the error after the
+    matrix: ``grad_input = f(grad_output @ feedback)``. A callable ``feedback`` computes ``grad_input`` itself
+    from ``(grad_output, input)``.
     """
-    if feedback is not None and feedback.shape != weight.shape:
-        raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
-    input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
-    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale)
+    if isinstance(feedback, Tensor):
+        if feedback.shape != weight.shape:
+            raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
+        input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
+    else:
+        input, weight, bias = autocast_args(input, weight, bias)
+    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale, feedback_nonlinearity)
 
 
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -91,13 +110,16 @@ _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 class _FeedbackConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+                nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.nonlinearity = nonlinearity
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.has_feedback = feedback is not None
-        # With no feedback the kernel only fills convolution_backward's weight slot (its values are unused).
-        ctx.save_for_backward(input, feedback if feedback is not None else weight)
+        ctx.has_feedback = isinstance(feedback, Tensor)
+        ctx.send_down = None if feedback is None or ctx.has_feedback else feedback
+        # Without a feedback kernel the weight only fills convolution_backward's weight slot (values unused).
+        ctx.save_for_backward(input, feedback if ctx.has_feedback else weight)
         return _CONV_FORWARD[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -116,34 +138,45 @@ class _FeedbackConv(torch.autograd.Function):
             grad_output, input, feedback, ctx.bias_sizes, list(stride), list(padding), list(dilation), False,
             [0] * len(stride), groups, mask,
         )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        if grad_input is not None and ctx.nonlinearity is not None:
+            grad_input = ctx.nonlinearity(grad_input)
+        if ctx.send_down is not None and ctx.needs_input_grad[0]:
+            grad_input = ctx.send_down(grad_output, input)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def conv(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    feedback: Tensor | None,
+    feedback: Tensor | SendDown | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int = 1,
     feedback_scale: Tensor | float | None = None,
+    feedback_nonlinearity: Nonlinearity | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d`` (chosen by ``weight.dim()``) whose error reaches ``input`` through
-    ``feedback · feedback_scale``.
+    ``feedback · feedback_scale`` (then ``feedback_nonlinearity``, elementwise, when given).
 
     Shapes: input ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, weight and feedback
     ``(C_out, C_in / groups, *kernel)``. ``padding`` is numeric and symmetric; callers pad asymmetric or
-    non-zero padding explicitly first (as ``nn.Conv2d`` does).
+    non-zero padding explicitly first (as ``nn.Conv2d`` does). A callable ``feedback`` computes the input's
+    gradient itself from ``(grad_output, input)`` (``input`` batched, as the op sees it).
     """
-    if feedback is not None and feedback.shape != weight.shape:
-        raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")
-    if feedback is not None and feedback_scale is not None:
-        feedback = feedback * feedback_scale  # kernels are small next to the error maps
+    if isinstance(feedback, Tensor):
+        if feedback.shape != weight.shape:
+            raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")
+        if feedback_scale is not None:
+            feedback = feedback * feedback_scale  # kernels are small next to the error maps
     unbatched = input.dim() == weight.dim() - 1
     if unbatched:
         input = input.unsqueeze(0)
-    input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
-    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups)
+    if isinstance(feedback, Tensor):
+        input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
+    else:
+        input, weight, bias = autocast_args(input, weight, bias)
+    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups,
+                              feedback_nonlinearity)
     return out.squeeze(0) if unbatched else out

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from . import functional, rules
 from .rules import FeedbackRule
 
-__all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "feedback_layers", "exact_backprop"]
+__all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "feedback_layers", "exact_backprop",
+           "ModelWiring"]
 
 _Layer = TypeVar("_Layer", bound="FeedbackLayer")
 
@@ -54,7 +55,13 @@ class FeedbackLayer(nn.Module):
         self._rule_buffers: list[str] = []
         self.rule = new_rule
         new_rule.setup(self)
+        new_rule.attach(self)
         return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy and unpickling
+        super().__setstate__(state)
+        if "rule" in self.__dict__:
+            self.rule.attach(self)
 
     def register_feedback_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
         """Register a buffer that belongs to the rule (removed again when the rule is replaced)."""
@@ -71,9 +78,11 @@ class FeedbackLayer(nn.Module):
     def _forward_exact(self, input: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
-        """Forward with the error going below through ``feedback · feedback_scale``."""
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
+                          feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        """Forward with the error going below through ``feedback · feedback_scale`` (then the nonlinearity), or
+        computed by ``feedback(grad_output, input)`` when it is a callable."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -113,6 +122,48 @@ def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
             layer._exact_override = before
 
 
+class ModelWiring:
+    """Machinery a rule installs on a whole converted model, as forward hooks on it (dfa: where the output error
+    comes from). ``convert()`` removes every wiring from a model before converting it again; ``summary()`` lists
+    them with :meth:`describe`.
+
+    Subclasses override :meth:`before_forward`, :meth:`after_forward` (also called when the forward raised, with
+    ``output=None``) and :meth:`describe`.
+    """
+
+    def install(self, model: nn.Module) -> None:
+        model.register_forward_pre_hook(self.before_forward)
+        model.register_forward_hook(self.after_forward, always_call=True)
+
+    def before_forward(self, model: nn.Module, args: tuple) -> None:
+        pass
+
+    def after_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
+        pass
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    @staticmethod
+    def installed(model: nn.Module) -> list[ModelWiring]:
+        """The wirings installed on ``model`` or any of its submodules."""
+        found: list[ModelWiring] = []
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, ModelWiring) and owner not in found:
+                    found.append(owner)
+        return found
+
+    @classmethod
+    def remove(cls, model: nn.Module) -> None:
+        """Remove the wirings of this class (every kind, called on ModelWiring) from ``model`` itself."""
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), cls)]:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+
+
 class Linear(FeedbackLayer, nn.Linear):
     """``nn.Linear`` whose error goes down through the rule's feedback matrix.
 
@@ -139,9 +190,10 @@ class Linear(FeedbackLayer, nn.Linear):
     def _forward_exact(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
-        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale)
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
+                          feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale, feedback_nonlinearity)
 
 
 class _ConvNd(FeedbackLayer):
@@ -158,8 +210,9 @@ class _ConvNd(FeedbackLayer):
     def _forward_exact(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | None,
-                          feedback_scale: Tensor | float | None = None) -> Tensor:
+    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
+                          feedback_scale: Tensor | float | None = None,
+                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
         pads = self._reversed_padding_repeated_twice
         asymmetric = pads[0::2] != pads[1::2]
         if self.padding_mode != "zeros" or asymmetric:
@@ -170,7 +223,7 @@ class _ConvNd(FeedbackLayer):
         else:
             padding = tuple(pads[-2::-2])  # left pads, back in dimension order
         return functional.conv(input, self.weight, self.bias, feedback, self.stride, padding, self.dilation,
-                               self.groups, feedback_scale)
+                               self.groups, feedback_scale, feedback_nonlinearity)
 
     @classmethod
     def from_module(cls, module: nn.modules.conv._ConvNd, rule: str | FeedbackRule = "fa",

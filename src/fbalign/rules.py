@@ -22,23 +22,38 @@ shallow   none: no error passes below the layer                                -
 
 The sign rules accept ``concordance=p``: each element of V agrees in sign with W with probability ``p``
 (Liao et al.'s S_p); the disagreeing set is drawn once.
+
+Every rule whose error passes through a matrix (all but ``shallow``: they subclass :class:`MatrixRule`) takes
+``feedback_nonlinearity=f`` and ``feedback_saturation=s``: the backward pathway becomes nonlinear, the error
+arriving below is ``s · f((grad_out @ V) / s)`` elementwise. ``f`` is a callable or one of the names in
+:data:`NONLINEARITIES` (so TOML configs can set it); ``s`` sets where a saturating ``f`` saturates, in the units of
+the gradient (which include the 1 / batch of a mean loss). With ``backprop`` this isolates the nonlinearity from
+weight asymmetry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .nn import FeedbackLayer
 
 __all__ = [
     "FeedbackRule",
+    "MatrixRule",
+    "RandomMatrixRule",
+    "NONLINEARITIES",
     "Backprop",
     "FA",
     "USF",
@@ -82,12 +97,17 @@ def get(rule: str | FeedbackRule, **options: object) -> FeedbackRule:
         cls, base = _RULES[key], None
     else:
         raise TypeError(f"rule must be a rule name or a FeedbackRule, not {type(rule).__name__}")
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = [f.name for f in _options(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         listed = ", ".join(valid) if valid else "none"
         raise ValueError(f"rule {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {listed}")
     return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+
+def _options(rule: type[FeedbackRule] | FeedbackRule) -> list[dataclasses.Field]:
+    """A rule's options in the order users read them: its own first, the shared keyword-only ones last."""
+    return sorted(dataclasses.fields(rule), key=lambda f: bool(f.kw_only))
 
 
 def _check_choice(rule: str, option: str, value: object, choices: tuple) -> None:
@@ -125,9 +145,20 @@ class FeedbackRule:
     """
 
     name: ClassVar[str] = ""
+    # The callable the error passes through after the feedback matrix (set by MatrixRule from its options).
+    _nonlinearity: ClassVar[Callable[[Tensor], Tensor] | None] = None
 
     def setup(self, layer: FeedbackLayer) -> None:
         """Create the rule's per-layer state as buffers on ``layer`` (called once, when the rule is attached)."""
+
+    def attach(self, layer: FeedbackLayer) -> None:
+        """Called whenever a layer with this rule comes into being: after :meth:`setup`, and again when the layer
+        is deep-copied or unpickled (its buffers come with it). For rules with process-wide bookkeeping (kp's
+        optimizer hooks); most rules need nothing."""
+
+    def setup_model(self, model: nn.Module) -> None:
+        """Set up what needs the model as a whole (called by ``convert`` once every layer has the rule): dfa
+        decides here where the output error comes from. Most rules need nothing."""
 
     def feedback(self, layer: FeedbackLayer) -> Tensor | None:
         """The matrix the error is multiplied by below ``layer``, in ``layer.weight``'s shape; None: no error passes.
@@ -152,18 +183,73 @@ class FeedbackRule:
         needs no gradient, such as the data), the plain op is exact and cheapest."""
         if not (torch.is_grad_enabled() and input.requires_grad):
             return layer._forward_exact(input)
-        return layer._forward_feedback(input, *self.feedback_factors(layer))
+        return layer._forward_feedback(input, *self.feedback_factors(layer), self._nonlinearity)
 
     def __str__(self) -> str:
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+        changed = [f"{f.name}={_option_repr(getattr(self, f.name))}" for f in _options(self)
                    if getattr(self, f.name) != f.default]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
 
+def _option_repr(value: object) -> str:
+    if callable(value) and not isinstance(value, type):  # a function's repr carries its address: show its name
+        return getattr(value, "__name__", None) or repr(value)
+    return repr(value)
+
+
+NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "hardtanh": F.hardtanh,  # clipped at ±1
+    "softsign": F.softsign,  # x / (1 + |x|): saturates slowly
+    "relu": torch.relu,      # a rectifying pathway: only positive errors pass
+    "sign": torch.sign,      # only the sign passes (the error's size is lost)
+}
+"""Nonlinearities ``feedback_nonlinearity`` accepts by name (plus ``'identity'``, the same as None)."""
+
+
+def _saturated(function: Callable[[Tensor], Tensor], saturation: float, error: Tensor) -> Tensor:
+    return function(error / saturation) * saturation
+
+
+@dataclass(frozen=True)
+class MatrixRule(FeedbackRule):
+    """Base of the rules whose error passes below a layer through a matrix: adds a nonlinear feedback path.
+
+    Args:
+        feedback_nonlinearity: None (a linear pathway, the default), a name from :data:`NONLINEARITIES`, or a
+            callable applied elementwise to the error after the feedback matrix.
+        feedback_saturation: ``s`` in ``grad_in = s · f((grad_out @ V) / s)``: the error size at which a
+            saturating ``f`` (tanh, hardtanh, softsign) bends; errors much smaller pass almost linearly.
+    """
+
+    feedback_nonlinearity: str | Callable[[Tensor], Tensor] | None = field(default=None, kw_only=True)
+    feedback_saturation: float = field(default=1.0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_range(self.name, "feedback_saturation", self.feedback_saturation, 0.0, math.inf, low_open=True)
+        function = self.feedback_nonlinearity
+        if isinstance(function, str):
+            key = function.lower()
+            if key not in NONLINEARITIES and key != "identity":
+                raise ValueError(f"{self.name}: feedback_nonlinearity={function!r} is not a known name; use a "
+                                 f"callable or one of: {', '.join(sorted(NONLINEARITIES))}, identity")
+            function = NONLINEARITIES.get(key)
+        elif function is not None and not callable(function):
+            raise TypeError(f"{self.name}: feedback_nonlinearity must be a name, a callable or None, not "
+                            f"{type(function).__name__}")
+        if function is not None and self.feedback_saturation != 1.0:
+            function = functools.partial(_saturated, function, self.feedback_saturation)
+        object.__setattr__(self, "_nonlinearity", function)  # frozen: set once, here
+
+
 @register
 @dataclass(frozen=True)
-class Backprop(FeedbackRule):
-    """Exact backpropagation: the error goes down through W itself (plain autograd; the reference)."""
+class Backprop(MatrixRule):
+    """Exact backpropagation: the error goes down through W itself (plain autograd; the reference).
+
+    With ``feedback_nonlinearity`` set, the error goes down through W and then the nonlinearity: symmetric
+    weights with a nonlinear pathway, the control that separates the two departures from backprop.
+    """
 
     name: ClassVar[str] = "backprop"
 
@@ -171,45 +257,48 @@ class Backprop(FeedbackRule):
         return layer.weight.detach()
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
-        return layer._forward_exact(input)
+        if self._nonlinearity is None:
+            return layer._forward_exact(input)
+        return super().forward(layer, input)
 
 
-@register
 @dataclass(frozen=True)
-class FA(FeedbackRule):
-    """Feedback alignment (Lillicrap et al. 2016): a fixed random matrix B of the weight's shape.
+class RandomMatrixRule(MatrixRule):
+    """Base of the rules that start from a random feedback matrix (fa, dfa, kp, wm): its options and its draw.
 
     Args:
         init: ``'uniform'`` U[-a, a]; ``'gaussian'`` N(0, s²); ``'orthogonal'`` a (semi-)orthogonal matrix of
             the flattened kernel; ``'weight'`` a copy of the weight when the rule is attached (the symmetric
-            start of Zipser & Rumelhart, useful as a control).
+            start of Zipser & Rumelhart, useful as a control; not for dfa, whose matrices have other shapes).
         scale: ``a`` for uniform, ``s`` for gaussian, the gain for orthogonal, a factor for ``'weight'``.
-            None (default) gives B the same element variance as torch's default init of W,
-            1 / (3 · fan_in): the error arriving below has the size backprop's would have at init, which keeps
-            deep nets trainable. Lillicrap et al.'s B ~ U[-0.5, 0.5] is ``init='uniform', scale=0.5``.
-        sparsity: fraction of B's entries set to zero, drawn once (sparse feedback).
-        seed: seeds B; None draws from torch's global RNG (so ``torch.manual_seed`` governs it).
+            None (default) gives the matrix the element variance torch's default init gives a weight of its
+            shape, 1 / (3 · fan_in): the error arriving below has the size backprop's would have at init, which
+            keeps deep nets trainable. Lillicrap et al.'s B ~ U[-0.5, 0.5] is ``init='uniform', scale=0.5``.
+        seed: seeds the matrix; None draws from torch's global RNG (so ``torch.manual_seed`` governs it).
     """
 
-    name: ClassVar[str] = "fa"
     init: Literal["uniform", "gaussian", "orthogonal", "weight"] = "uniform"
     scale: float | None = None
-    sparsity: float = 0.0
     seed: int | None = None
 
+    _inits: ClassVar[tuple[str, ...]] = ("uniform", "gaussian", "orthogonal", "weight")
+
     def __post_init__(self) -> None:
-        _check_choice(self.name, "init", self.init, ("uniform", "gaussian", "orthogonal", "weight"))
+        super().__post_init__()
+        _check_choice(self.name, "init", self.init, self._inits)
         if self.scale is not None:
             _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
-        _check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0)
-        if self.sparsity == 1.0:
-            raise ValueError("fa: sparsity=1.0 would remove all feedback; use rule='shallow' for that")
 
-    def setup(self, layer: FeedbackLayer) -> None:
-        weight = layer.weight.detach()
-        gen = _generator(self.seed)
-        std = 1.0 / math.sqrt(3.0 * fan_in(weight))
-        b = torch.empty(weight.shape, dtype=torch.float64)
+    def draw(self, shape: torch.Size | tuple[int, ...], weight: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """A float64 CPU matrix of ``shape`` drawn from ``seed`` (or ``generator``); fan_in = prod(shape[1:]).
+
+        Drawn on the CPU in float64 and then cast and moved by the caller, so one seed gives the same matrix on
+        every device and in every dtype (up to rounding).
+        """
+        gen = generator if generator is not None else _generator(self.seed)
+        b = torch.empty(shape, dtype=torch.float64)
+        std = 1.0 / math.sqrt(3.0 * b[0].numel())
         if self.init == "uniform":
             a = self.scale if self.scale is not None else math.sqrt(3.0) * std
             b.uniform_(-a, a, generator=gen)
@@ -220,7 +309,36 @@ class FA(FeedbackRule):
             gain = self.scale if self.scale is not None else math.sqrt(rows / (3.0 * min(rows, b[0].numel())))
             torch.nn.init.orthogonal_(b.view(rows, -1), gain=gain, generator=gen)
         else:
+            assert weight is not None and weight.shape == b.shape, "init='weight' needs the weight's shape"
             b.copy_(weight).mul_(1.0 if self.scale is None else self.scale)
+        return b
+
+
+@register
+@dataclass(frozen=True)
+class FA(RandomMatrixRule):
+    """Feedback alignment (Lillicrap et al. 2016): a fixed random matrix B of the weight's shape (buffer
+    ``feedback``), drawn once.
+
+    Args:
+        init, scale, seed: how B is drawn (see :class:`RandomMatrixRule`; by default B has the variance of
+            torch's default init of W).
+        sparsity: fraction of B's entries set to zero, drawn once (sparse feedback).
+    """
+
+    name: ClassVar[str] = "fa"
+    sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range(self.name, "sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity == 1.0:
+            raise ValueError("fa: sparsity=1.0 would remove all feedback; use rule='shallow' for that")
+
+    def setup(self, layer: FeedbackLayer) -> None:
+        weight = layer.weight.detach()
+        gen = _generator(self.seed)
+        b = self.draw(weight.shape, weight, gen)
         if self.sparsity > 0:
             b.mul_(torch.rand(b.shape, generator=gen, dtype=torch.float64) >= self.sparsity)
         layer.register_feedback_buffer("feedback", b.to(weight.dtype).to(weight.device))
@@ -230,7 +348,7 @@ class FA(FeedbackRule):
 
 
 @dataclass(frozen=True)
-class _SignRule(FeedbackRule):
+class _SignRule(MatrixRule):
     """Sign-concordant feedback (Liao, Leibo & Poggio 2016): V = sign(W) [∘ M] · k.
 
     ``scale=None`` (default) sets k so that ‖V‖ ≈ ‖W‖ (k = rms(W) / rms(M)), recomputed from W every
@@ -249,6 +367,7 @@ class _SignRule(FeedbackRule):
     _magnitude_rms: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scale is not None:
             _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
         _check_range(self.name, "concordance", self.concordance, 0.0, 1.0)
@@ -340,7 +459,7 @@ class BRSF(_SignRule):
 
 @register
 @dataclass(frozen=True)
-class PBP(FeedbackRule):
+class PBP(MatrixRule):
     """Pseudo-backprop: the error goes down through the pseudo-inverse, Δh = W⁺ e (V = (W⁺)ᵀ).
 
     Lillicrap et al. use it to show that feedback alignment behaves like a second-order method. Defined for
