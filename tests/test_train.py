@@ -144,6 +144,24 @@ def test_model_and_data_objects_from_a_script():
         train(data=data, loss="cross_entropy", epochs=1)
 
 
+def test_alignment_is_recorded_every_n_steps_without_changing_training(tmp_path):
+    recorded = train(SMALL, run_dir=tmp_path, rule="brsf", epochs=2, model={"name": "mlp", "hidden": [32, 16]},
+                     log={"every": 20, "alignment": True, "progress": False})
+    plain = train(SMALL, rule="brsf", epochs=2, model={"name": "mlp", "hidden": [32, 16]})
+    assert_same_weights(weights(recorded.model), weights(plain.model))
+    records = [json.loads(line) for line in (tmp_path / "alignment.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(20, recorded.final["step"] + 1, 20))
+    angles = [k for k in records[-1] if k.startswith("angle_dh_bp/")]
+    assert angles and all(0 <= records[-1][k] < 90 for k in angles)  # sign feedback aligns with backprop
+    from fbalign.plot import plot_runs
+
+    assert len(plot_runs([tmp_path]).axes) == 3
+    with pytest.raises(ConfigError, match="needs log.every > 0"):
+        train(SMALL, log={"alignment": True})
+    with pytest.raises(ConfigError, match="give one"):
+        train(SMALL, log={"alignment": True, "every": 5})
+
+
 def test_the_schedule_steps_per_epoch():
     result = train(SMALL, schedule={"name": "multistep", "milestones": [1, 2], "gamma": 0.1})
     assert [h["lr"] for h in result.history] == pytest.approx([0.05, 0.005, 0.0005])
@@ -216,6 +234,7 @@ momentum = 0.9
 progress = false
 checkpoint_every = 25
 every = 10
+alignment = true
 """
 
 
@@ -280,5 +299,6 @@ def test_a_stopped_run_resumes_to_the_same_weights_bit_for_bit(reference_run, tm
     assert final["step"] == reference["step"] == total
     assert_same_weights(final["model"], reference["model"])  # weights and the feedback buffers
     assert without_times(final["history"]) == without_times(reference["history"])
-    steps = [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
-    assert steps == list(range(10, total + 1, 10))  # records past the checkpoint were not duplicated
+    for records in ("steps.jsonl", "alignment.jsonl"):  # records past the checkpoint were not duplicated
+        steps = [json.loads(line)["step"] for line in (run / records).read_text().splitlines()]
+        assert steps == list(range(10, total + 1, 10)), records
