@@ -15,8 +15,9 @@ for which ``e = softmax(y) − onehot`` under cross-entropy on its logits), or t
 where ``B_l`` (buffer ``direct_feedback``, shape ``(n_err, in_features)``) is random and fixed. Autograd carries
 that signal through whatever lies below (the nonlinearity's derivative, BatchNorm, pooling, reshapes) to the output
 of the next layer down, whose weights therefore learn from ``(B_l e) ∘ f′`` — Nøkland's hidden-layer update. No
-error passes through a forward weight's transpose, so a dfa step costs less time than a backprop step and no more
-memory. ``φ`` is the rule's ``feedback_nonlinearity`` (identity by default).
+error passes through a forward weight's transpose, so a dfa step skips backprop's input-gradient products and needs
+no memory beyond backprop's but the small ``e · B_l`` signals. ``φ`` is the rule's ``feedback_nonlinearity``
+(identity by default).
 
 **Convolutions.** A convolution's input is a ``(C, *spatial)`` map per example. The error reaches it as one signal
 per channel (buffer shape ``(n_err, C, 1, 1)``), broadcast over positions as a stride-0 view that costs no memory,
@@ -31,8 +32,8 @@ without the output error (the loss does not depend on the source's output) raise
 :func:`fbalign.exact_backprop` every layer runs plain autograd.
 
 The matrices are drawn when the model is wired (by ``convert``), since their size depends on the source.
-Eager mode only: ``torch.compile`` and activation checkpointing (which re-runs layers outside the model's forward)
-are not supported with dfa.
+``torch.compile`` runs a dfa model (the hand-off of the error breaks the graph into pieces) with eager's gradients;
+activation checkpointing, which re-runs layers outside the model's forward, is refused by the checks above.
 """
 
 from __future__ import annotations
@@ -164,10 +165,14 @@ def _project(error: Tensor, matrix: Tensor, input: Tensor, nonlinearity: Nonline
         if len(lead) == 1 and len(target_lead) > 1 and lead[0] == target_lead[0]:
             return signal.view(lead[0], *[1] * (len(target_lead) - 1), -1).expand(input.shape)
     elif len(lead) <= 1 and signal.shape[0] == input.shape[0]:  # a convolution's input (N, C, *spatial)
+        # As through an average pool to the matrix's r × r cells: each position gets its cell's value divided by
+        # the cell's size, so the signal summed over a map does not grow with the map (no blow-up of the
+        # kernels' gradients, which sum over positions).
         low = signal.view(input.shape[0], *matrix.shape[1:])
+        cell = math.prod(input.shape[2:]) / math.prod(matrix.shape[2:])
         if all(size == 1 for size in matrix.shape[2:]):
-            return low.expand(input.shape)  # a stride-0 view: one value per channel, no memory
-        return F.interpolate(low, size=tuple(input.shape[2:]), mode="nearest")
+            return low.div_(cell).expand(input.shape)  # a stride-0 view: one value per channel, no memory
+        return F.interpolate(low.div_(cell), size=tuple(input.shape[2:]), mode="nearest")
     raise RuntimeError(
         f"dfa: the output error has shape {tuple(error.shape)} but layer '{layer_name}' has input shape "
         f"{tuple(input.shape)}; the error must have the same leading (batch, ...) dimensions as the layer's input, "

@@ -127,7 +127,9 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
                           "(Kolen–Pollack aligns B with W only through the decay); give the optimizer a "
                           "weight_decay or the rule a decay: fbalign.convert(model, 'kp', decay=...)", stacklevel=3)
         shrink = 1.0 - float(group["lr"]) * decay
-        layer.feedback.sub_(layer.weight).mul_(shrink)
+        offset = layer.feedback.sub_(layer.weight)
+        if shrink != 1.0:
+            offset.mul_(shrink)
         stepping.append(layer)
     if stepping:
         _IN_STEP[optimizer] = stepping

@@ -309,7 +309,8 @@ class RandomMatrixRule(MatrixRule):
             gain = self.scale if self.scale is not None else math.sqrt(rows / (3.0 * min(rows, b[0].numel())))
             torch.nn.init.orthogonal_(b.view(rows, -1), gain=gain, generator=gen)
         else:
-            assert weight is not None and weight.shape == b.shape, "init='weight' needs the weight's shape"
+            if weight is None or weight.shape != b.shape:
+                raise ValueError(f"{self.name}: init='weight' copies the weight, so the matrix must have its shape")
             b.copy_(weight).mul_(1.0 if self.scale is None else self.scale)
         return b
 
