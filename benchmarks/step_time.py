@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                 # CPU (and CUDA too when present)
     python benchmarks/step_time.py --device cuda --rules fa,brsf,dfa --models mlp,lenet,resnet
+    python benchmarks/step_time.py --rules dfa,dfa:resolution=2,fa:feedback_nonlinearity=tanh   # rule options
 
 Models (batch 128): the MLP 784-1000-1000-10 (ReLU), a LeNet-5-style CNN on 1×28×28 inputs, and (on request) a
 small ResNet with BatchNorm and skip connections on 1×28×28. A step is forward, cross-entropy, backward and an SGD
@@ -112,6 +113,17 @@ def peak_memory(step, device: torch.device) -> float:
     return peak / 2**20
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``"name=value"`` with the value read as a number when it is one."""
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def bench(model_name: str, rules: list[str], device: torch.device, batch: int, steps: int, rounds: int,
           warmup: int) -> list[tuple[str, float, float, float]]:
     torch.manual_seed(0)
@@ -119,8 +131,10 @@ def bench(model_name: str, rules: list[str], device: torch.device, batch: int, s
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     steps_by_name = {"torch": make_step(copy.deepcopy(base), x, y)}
-    for rule in rules:
-        steps_by_name[rule] = make_step(fbalign.convert(base, rule, seed=0), x, y)
+    for spec in rules:
+        rule, _, option_text = spec.partition(":")  # e.g. "dfa:resolution=2"
+        options = dict(_option(item) for item in option_text.split(":") if item)
+        steps_by_name[spec] = make_step(fbalign.convert(base, rule, seed=0, **options), x, y)
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()

@@ -16,6 +16,15 @@ from fbalign.nn import Linear
 DOUBLE = dict(dtype=torch.float64)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These nets are tiny: one thread is faster, and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2)).double()
@@ -275,3 +284,18 @@ def test_torch_compile_gives_eager_gradients():
 def test_bad_options(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fbalign.rules.get("dfa", **options)
+
+
+@pytest.mark.slow
+def test_dfa_mlp_learns_fashion_mnist(fashion_mnist_dir):
+    from fbalign.data import load_mnist_format
+    from fbalign.demo import mlp, train_classifier
+
+    data = load_mnist_format(fashion_mnist_dir, "fashion-mnist")
+    data.train_x, data.train_y = data.train_x[:6000], data.train_y[:6000]
+    torch.manual_seed(0)
+    base = mlp([28 * 28, 256, 256, 10])
+    errors = {rule: train_classifier(fbalign.convert(base, rule, seed=0), data, epochs=1, lr=0.01, batch_size=64,
+                                     seed=0) for rule in ("dfa", "shallow")}
+    # One epoch on 6,000 images; measured: dfa 39.4%, shallow (only the output layer learns) 53.9%, backprop 36.6%.
+    assert errors["dfa"] < 45 and errors["dfa"] < errors["shallow"] - 8, errors
