@@ -13,14 +13,7 @@ from fbalign import NodePerturbation
 
 DOUBLE = dict(dtype=torch.float64)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are tiny: one thread is faster, and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets
 
 
 def _small():
