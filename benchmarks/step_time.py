@@ -28,6 +28,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -124,6 +125,25 @@ def _option(text: str) -> tuple[str, object]:
     return name, value
 
 
+def interleaved_times(tasks: dict[str, Callable[[], object]], repeats: dict[str, int], rounds: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each task, one entry per round; each round runs every task ``repeats[name]`` times in a
+    fresh random order, so that drift in machine speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    order = list(tasks)
+    shuffle = random.Random(0)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                tasks[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / repeats[name])
+    return times
+
+
 def bench(model_name: str, rules: list[str], device: torch.device, batch: int, steps: int, rounds: int,
           warmup: int) -> list[tuple[str, float, float, float]]:
     torch.manual_seed(0)
@@ -139,19 +159,7 @@ def bench(model_name: str, rules: list[str], device: torch.device, batch: int, s
         for _ in range(warmup):
             step()
     memory = {name: peak_memory(step, device) for name, step in steps_by_name.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    order = list(steps_by_name)
-    shuffle = random.Random(0)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for name in order:
-            step = steps_by_name[name]
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / steps)
+    times = interleaved_times(steps_by_name, {name: steps for name in steps_by_name}, rounds, device)
     ref_mem = memory["torch"]
     rows = []
     for name, ts in times.items():
