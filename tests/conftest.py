@@ -27,3 +27,12 @@ def fashion_mnist_dir():
         pytest.skip(message)
     return FASHION_MNIST_DIR
 
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests of tiny nets: faster, and steadier on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

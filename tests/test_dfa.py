@@ -15,6 +15,8 @@ from fbalign.nn import Linear
 
 DOUBLE = dict(dtype=torch.float64)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets
+
 
 def _mlp():
     torch.manual_seed(0)
@@ -64,7 +66,8 @@ def test_convolution_receives_per_channel_or_low_resolution_error(resolution):
     assert conv2.direct_feedback.shape == (2, 3, resolution, resolution)
     a1 = F.conv2d(x, conv1.weight.detach(), conv1.bias.detach(), padding=1)
     low = (g @ conv2.direct_feedback.reshape(2, -1)).reshape(3, 3, resolution, resolution)
-    arriving = F.interpolate(low, size=(6, 6), mode="nearest")    # r = 1: every position gets its channel's value
+    cell = 36 / resolution ** 2                                   # positions per cell of the r × r map
+    arriving = F.interpolate(low, size=(6, 6), mode="nearest") / cell  # as through an average pool to r × r
     delta1 = arriving * (a1 > 0)
     torch.testing.assert_close(conv1.weight.grad, torch.nn.grad.conv2d_weight(x, conv1.weight.shape, delta1, padding=1),
                                rtol=1e-10, atol=1e-12)
@@ -187,7 +190,7 @@ def test_bn_pool_conv_net_lower_layers_learn_from_the_direct_error(resolution):
         return loss.item()
 
     # Only the output layer learns under "shallow"; dfa's convolutions must add to it (measured: 0.60 vs
-    # 0.32 with r = 1, 0.20 with r = 2; backprop 0.13).
+    # 0.34 with r = 1, 0.24 with r = 2; backprop 0.13).
     assert final_loss("dfa", resolution=resolution) < 0.6 * final_loss("shallow")
 
 
@@ -256,6 +259,16 @@ def test_bf16_autocast():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
 
 
+def test_torch_compile_gives_eager_gradients():
+    model = fbalign.convert(_mlp(), "dfa", seed=0)
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    x = torch.randn(4, 5, **DOUBLE)
+    for m in (model, compiled):
+        m(x).square().sum().backward()
+    for p, q in zip(model.parameters(), compiled.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("options,match", [
     ({"resolution": 0}, r"resolution=0 must lie in \[1, inf\]"),
     ({"init": "weight"}, "init='weight' is not valid"),
@@ -264,3 +277,18 @@ def test_bf16_autocast():
 def test_bad_options(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fbalign.rules.get("dfa", **options)
+
+
+@pytest.mark.slow
+def test_dfa_mlp_learns_fashion_mnist(fashion_mnist_dir):
+    from fbalign.data import load_mnist_format
+    from fbalign.demo import mlp, train_classifier
+
+    data = load_mnist_format(fashion_mnist_dir, "fashion-mnist")
+    data.train_x, data.train_y = data.train_x[:6000], data.train_y[:6000]
+    torch.manual_seed(0)
+    base = mlp([28 * 28, 256, 256, 10])
+    errors = {rule: train_classifier(fbalign.convert(base, rule, seed=0), data, epochs=1, lr=0.01, batch_size=64,
+                                     seed=0) for rule in ("dfa", "shallow")}
+    # One epoch on 6,000 images; measured: dfa 39.4%, shallow (only the output layer learns) 53.9%, backprop 36.6%.
+    assert errors["dfa"] < 45 and errors["dfa"] < errors["shallow"] - 8, errors

@@ -207,6 +207,7 @@ def _hand_nonlinear_hidden_grad(model, x, t, down, f):
     ("tanh", 1.0, torch.tanh),
     ("hardtanh", 0.3, lambda v: 0.3 * v.div(0.3).clamp(-1, 1)),
     ("relu", 1.0, torch.relu),
+    ("sign", 0.01, lambda v: 0.01 * torch.sign(v)),
     (torch.sin, 0.5, lambda v: 0.5 * torch.sin(v / 0.5)),
 ])
 def test_nonlinear_feedback_path_is_f_of_feedback_times_error(rule, nonlinearity, saturation, f):

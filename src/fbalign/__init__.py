@@ -5,14 +5,15 @@
     >>> print(fbalign.summary(model))
 """
 
-from . import dfa, functional, metrics, nn, optim, plastic, rules
+from . import dfa, functional, metrics, nn, optim, perturbation, plastic, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
 from .nn import exact_backprop, feedback_layers
+from .perturbation import NodePerturbation
 from .plastic import mirror
 from .rules import FeedbackRule
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "optim", "dfa", "plastic", "mirror", "exact_backprop", "feedback_layers",
-           "__version__"]
+           "functional", "metrics", "optim", "dfa", "plastic", "mirror", "perturbation", "NodePerturbation",
+           "exact_backprop", "feedback_layers", "__version__"]

@@ -114,7 +114,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     if optimizer in _IN_STEP:  # the last step raised before finishing: give those V their W back first
         _after_step(optimizer, args, kwargs)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    stepping = []
+    stepping, undecayed = [], 0
     for layer in list(_KP_LAYERS):
         rule = layer.rule
         group = group_of.get(id(layer.weight))
@@ -123,14 +123,18 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
         decay = rule.decay if rule.decay is not None else float(group.get("weight_decay", 0.0))
         if decay == 0.0 and not getattr(layer, "_kp_warned", False):
             layer._kp_warned = True
-            warnings.warn("kp: this layer's weight decay is 0, so B keeps its initial offset from W forever "
-                          "(Kolen–Pollack aligns B with W only through the decay); give the optimizer a "
-                          "weight_decay or the rule a decay: fbalign.convert(model, 'kp', decay=...)", stacklevel=3)
+            undecayed += 1
         shrink = 1.0 - float(group["lr"]) * decay
-        layer.feedback.sub_(layer.weight).mul_(shrink)
+        offset = layer.feedback.sub_(layer.weight)
+        if shrink != 1.0:
+            offset.mul_(shrink)
         stepping.append(layer)
     if stepping:
         _IN_STEP[optimizer] = stepping
+    if undecayed:
+        warnings.warn(f"kp: {undecayed} layer(s) have weight decay 0, so their B keeps its initial offset from W "
+                      "forever (Kolen–Pollack aligns B with W only through the decay); give the optimizer a "
+                      "weight_decay or the rule a decay: fbalign.convert(model, 'kp', decay=...)", stacklevel=4)
 
 
 @torch.no_grad()

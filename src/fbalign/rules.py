@@ -207,8 +207,27 @@ NONLINEARITIES: dict[str, Callable[[Tensor], Tensor]] = {
 """Nonlinearities ``feedback_nonlinearity`` accepts by name (plus ``'identity'``, the same as None)."""
 
 
+
+def _softsign_(error: Tensor) -> Tensor:
+    return error.div_(error.abs().add_(1.0))
+
+
+# The same, in place: the backward pass applies them to an error it has just computed, so no copy is needed.
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh_,
+    "hardtanh": F.hardtanh_,
+    "softsign": _softsign_,
+    "relu": torch.relu_,
+    "sign": Tensor.sign_,
+}
+
+
 def _saturated(function: Callable[[Tensor], Tensor], saturation: float, error: Tensor) -> Tensor:
     return function(error / saturation) * saturation
+
+
+def _saturated_in_place(function: Callable[[Tensor], Tensor], saturation: float, error: Tensor) -> Tensor:
+    return function(error.div_(saturation)).mul_(saturation)
 
 
 @dataclass(frozen=True)
@@ -233,12 +252,15 @@ class MatrixRule(FeedbackRule):
             if key not in NONLINEARITIES and key != "identity":
                 raise ValueError(f"{self.name}: feedback_nonlinearity={function!r} is not a known name; use a "
                                  f"callable or one of: {', '.join(sorted(NONLINEARITIES))}, identity")
-            function = NONLINEARITIES.get(key)
+            function = _IN_PLACE.get(key)
+            saturated = _saturated_in_place
         elif function is not None and not callable(function):
             raise TypeError(f"{self.name}: feedback_nonlinearity must be a name, a callable or None, not "
                             f"{type(function).__name__}")
+        else:
+            saturated = _saturated  # a user's function may not be safe to run in place
         if function is not None and self.feedback_saturation != 1.0:
-            function = functools.partial(_saturated, function, self.feedback_saturation)
+            function = functools.partial(saturated, function, self.feedback_saturation)
         object.__setattr__(self, "_nonlinearity", function)  # frozen: set once, here
 
 
@@ -309,7 +331,8 @@ class RandomMatrixRule(MatrixRule):
             gain = self.scale if self.scale is not None else math.sqrt(rows / (3.0 * min(rows, b[0].numel())))
             torch.nn.init.orthogonal_(b.view(rows, -1), gain=gain, generator=gen)
         else:
-            assert weight is not None and weight.shape == b.shape, "init='weight' needs the weight's shape"
+            if weight is None or weight.shape != b.shape:
+                raise ValueError(f"{self.name}: init='weight' copies the weight, so the matrix must have its shape")
             b.copy_(weight).mul_(1.0 if self.scale is None else self.scale)
         return b
 
