@@ -14,7 +14,8 @@ from torch import nn
 
 import fbalign
 
-from .data import DATA_HINT, load_mnist_format, prepare
+from .config import PLAIN_TORCH
+from .data import DATA_HINT, TensorDataset, load_mnist_format, prepare
 from .models import MLP
 from .train import evaluate, train
 
@@ -30,6 +31,15 @@ def test_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
     """Percentage of ``x`` misclassified by ``model`` (argmax of the output)."""
     metrics = evaluate(model, x, y, nn.functional.cross_entropy, classification=True, batch_size=batch_size)
     return metrics["error"]
+
+
+def train_classifier(model: nn.Module, data: TensorDataset, *, epochs: int, lr: float, batch_size: int, seed: int,
+                     desc: str = "") -> float:
+    """Train ``model`` as it is (whatever rule its layers have) with SGD, momentum 0.9, on cross-entropy through
+    :func:`fbalign.train.train`; return the final test error in percent. ``desc`` labels the progress bar."""
+    result = train(model=model, data=data, rule=PLAIN_TORCH, epochs=epochs, batch_size=batch_size, seed=seed,
+                   optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}, log={"progress": bool(desc)})
+    return result.final["test_error"]
 
 
 def run(rules: list[str], *, data_dir: str | None, epochs: int, hidden: list[int], lr: float, batch_size: int,
@@ -80,4 +90,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["mlp", "test_error", "run", "add_parser", "main", "DATA_HINT"]
+__all__ = ["mlp", "test_error", "train_classifier", "run", "add_parser", "main", "DATA_HINT"]
