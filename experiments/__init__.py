@@ -1,0 +1,8 @@
+"""Paper reproductions, installed as ``fbalign.experiments`` (this folder is mapped to that package in
+pyproject.toml, so ``fbalign reproduce`` works from an installed wheel as well as from a clone).
+
+``PAPERS`` maps the name given to ``fbalign reproduce`` to the module that reproduces it; each such module is a
+set of plain experiment functions returning results, plus the figures and the report.
+"""
+
+PAPERS: dict[str, str] = {}
