@@ -468,11 +468,13 @@ class BRSF(_SignRule):
     @staticmethod
     def _redraw(magnitude: Tensor) -> None:
         flat = magnitude.view(-1)
-        whole = flat.numel() // 8 * 8
-        words = flat[:whole].view(torch.int64)
+        n = flat.numel()
+        whole = n // 8 * 8
+        words = (flat if whole == n else flat[:whole]).view(torch.int64)
         words.random_()  # all 64 bits of each draw become 8 magnitudes...
         words.bitwise_or_(0x0101010101010101)  # ...each made odd, 8 at a time
-        flat[whole:].random_(0, 256).bitwise_or_(1)
+        if whole < n:
+            flat[whole:].random_(0, 256).bitwise_or_(1)
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
         if layer.training and torch.is_grad_enabled() and input.requires_grad:
