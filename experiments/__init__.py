@@ -5,4 +5,6 @@ pyproject.toml, so ``fbalign reproduce`` works from an installed wheel as well a
 set of plain experiment functions returning results, plus the figures and the report.
 """
 
-PAPERS: dict[str, str] = {}
+PAPERS: dict[str, str] = {
+    "lillicrap2016": "fbalign.experiments.lillicrap2016",
+}

@@ -128,6 +128,20 @@ def test_nonlinear_teacher_computes_the_stated_formula():
         fbdata.nonlinear_teacher(n_train=0)
 
 
+def test_teachers_in_float64_keep_the_exact_relation():
+    d = fbdata.linear_teacher(n_train=100, n_test=20, seed=3, dtype=torch.float64)
+    assert d.train_x.dtype == d.train_y.dtype == d.extras["T"].dtype == torch.float64
+    # the float32 task rounds x and y separately, so its relation holds to ~1e-7 only; float64 holds to rounding
+    assert (d.train_y - d.train_x @ d.extras["T"].T).abs().max() < 1e-13
+    single = fbdata.linear_teacher(n_train=100, n_test=20, seed=3)
+    assert (single.train_y.double() - single.train_x.double() @ single.extras["T"].double().T).abs().max() > 1e-9
+    torch.testing.assert_close(single.train_x, d.train_x.float())  # one task, two precisions
+    n = fbdata.load("nonlinear-teacher", n_train=10, n_test=5, dtype="float64")  # as a TOML config gives it
+    assert n.test_y.dtype == n.extras["W0"].dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype='int8' is not a floating-point type"):
+        fbdata.linear_teacher(n_train=10, n_test=5, dtype="int8")
+
+
 def test_load_checks_names_and_options():
     with pytest.raises(ValueError, match="unknown data set 'cifar'; choose one of fashion-mnist"):
         fbdata.load("cifar")

@@ -81,3 +81,17 @@ def test_draws_on_a_given_axes_and_skips_undefined_values():
 def test_an_unknown_metric_names_what_the_records_hold():
     with pytest.raises(ValueError, match="no 'angle_b_wt'.*angle_dh_bp, angle_dh_pbp, loss, nse_reference"):
         plot_alignment(synthetic_records(), metric="angle_b_wt")
+
+
+def test_band_is_the_given_number_of_standard_deviations():
+    records = synthetic_records()
+    values = [r["angle_dh_bp/3"] for r in records]
+    mean, std = sliding_mean_std(values, 10)
+    for band in (1.0, 2.0):
+        ax = plot_alignment([{k: r[k] for k in ("step", "angle_dh_bp/3")} for r in records], window=10, band=band)
+        (polygon,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        y = polygon.get_paths()[0].vertices[:, 1]
+        assert y.max() == pytest.approx((mean + band * std).max())
+        assert y.min() == pytest.approx((mean - band * std).min())
+    with pytest.raises(ValueError, match="band must be"):
+        plot_alignment(records, band=-1)

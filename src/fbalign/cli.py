@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "fbalign.compare",
     "fbalign.plot",
     "fbalign.demo",
+    "fbalign.reproduce",
 ]
 
 

@@ -51,9 +51,9 @@ def sliding_mean_std(values: Sequence[float] | np.ndarray, window: int) -> tuple
 
 def plot_alignment(records: Sequence[dict[str, Any]] | str | os.PathLike, ax: Axes | None = None, *,
                    metric: str = "angle_dh_bp", window: int | None = None, path: str | os.PathLike | None = None,
-                   xlabel: str = "step", title: str | None = None) -> Axes:
+                   xlabel: str = "step", title: str | None = None, band: float = 1.0) -> Axes:
     """Plot ``metric`` against step for every layer (or parameter) in ``records``: the mean over a sliding window
-    of ``window`` measurements as a line, ± one standard deviation over the same window as a band.
+    of ``window`` measurements as a line, ± ``band`` standard deviations over the same window as a band.
 
     Args:
         records: records from :class:`AlignmentRecorder` (a list of dicts) or the path of its file.
@@ -64,6 +64,7 @@ def plot_alignment(records: Sequence[dict[str, Any]] | str | os.PathLike, ax: Ax
         window: measurements per window; None: a 25th of the records (at least 1).
         path: also save the figure there (format from the suffix: .png, .pdf, .svg).
         xlabel, title: axis label and title.
+        band: half-width of the shaded band in standard deviations (Lillicrap et al.'s Fig. 1e: 2).
 
     Returns:
         The Axes. Angles get a dashed line at 90° (no alignment).
@@ -75,6 +76,8 @@ def plot_alignment(records: Sequence[dict[str, Any]] | str | os.PathLike, ax: Ax
         raise ValueError(f"no {metric!r} in the records; they hold: {', '.join(present) or 'nothing'}")
     if window is None:
         window = max(1, round(len(rows) / 25))
+    if not band >= 0:
+        raise ValueError(f"band must be a number of standard deviations >= 0, not {band}")
     if ax is None:
         from matplotlib.figure import Figure
 
@@ -88,7 +91,7 @@ def plot_alignment(records: Sequence[dict[str, Any]] | str | os.PathLike, ax: Ax
         if len(values) == 0:
             continue
         mean, std = sliding_mean_std(np.log10(values) if log_scale else values, window)
-        low, high = mean - std, mean + std
+        low, high = mean - band * std, mean + band * std
         if log_scale:
             mean, low, high = 10**mean, 10**low, 10**high
         (line,) = ax.plot(steps, mean, label=key.partition("/")[2] or key, linewidth=1.2)

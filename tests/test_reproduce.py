@@ -1,0 +1,183 @@
+"""`fbalign reproduce` and the machinery every paper reproduction shares (fbalign.experiments.common)."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+
+from fbalign.cli import main
+from fbalign.experiments import PAPERS, common
+from fbalign.reproduce import load_paper, papers, reproduce
+
+
+def _fake_paper(calls: list[str]):
+    """A paper module with two experiments, the second needing the first; each records that it ran."""
+
+    def run_a(ctx):
+        calls.append("a")
+        from matplotlib.figure import Figure
+
+        fig = Figure()
+        fig.add_subplot().plot([0, 1], [1, 0])
+        return {"value": 1.5, "runs": ctx.runs(quick=2, full=20), "steps": ctx.pick(10, 1000),
+                "figure": ctx.save_figure(fig, "a.png"), "nan": math.nan}
+
+    def run_b(ctx):
+        calls.append("b")
+        (ctx.folder("b") / "weights.txt").write_text("kept")
+        return {"ratio": 0.25}
+
+    def report_a(results, section, ctx):
+        section.figure(results["figure"], "Panel A. A line.")
+        section.comparison([("value", results["value"], 1.4, True, "close")])
+
+    def report_b(results, section, ctx):
+        section.table(["ratio"], [[results["ratio"]]])
+
+    module = types.ModuleType("fake_paper")
+    module.TITLE = "Someone et al. (2000): a paper"
+    module.INTRODUCTION = "What this reproduces."
+    module.EXPERIMENTS = [common.Experiment("a", "Fig. A", run_a, report_a),
+                          common.Experiment("b", "Fig. B", run_b, report_b, needs=("a",))]
+    return module
+
+
+def _context(tmp_path, **kw):
+    return common.Context(paper="fake", out_dir=tmp_path / "out", progress=False, **kw)
+
+
+def test_writes_results_report_and_figures(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+    results = common.reproduce(module, _context(tmp_path), command="fbalign reproduce fake --quick")
+    out = tmp_path / "out"
+    assert calls == ["a", "b"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["experiments"]["a"]["value"] == 1.5 and saved["experiments"]["a"]["runs"] == 2
+    assert saved["experiments"]["a"]["steps"] == 10 and math.isnan(saved["experiments"]["a"]["nan"])
+    assert saved["experiments"]["b"]["seconds"] >= 0 and saved["settings"]["scale"] == "quick"
+    assert results["experiments"].keys() == saved["experiments"].keys()
+    assert (out / "a.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Reproduction: Someone et al. (2000)")
+    assert "![a](a.png)" in report and "*Panel A. A line.*" in report
+    assert "Quick mode" in report and "fbalign reproduce fake --quick" in report
+    assert "| value | 1.5 | 1.4 | ✓ | close |" in report
+    assert report.index("## Fig. A") < report.index("## Fig. B")
+
+
+def test_scale_and_seeds(tmp_path):
+    ctx = _context(tmp_path, scale="full", seeds=3)
+    assert ctx.pick(1, 2) == 2 and ctx.runs(quick=2, full=20) == 3
+    assert _context(tmp_path, scale="full").runs(quick=2, full=20) == 20
+    with pytest.raises(ValueError, match="scale='huge'"):
+        _context(tmp_path, scale="huge")
+    with pytest.raises(ValueError, match="seeds=0"):
+        _context(tmp_path, seeds=0)
+
+
+def test_only_runs_what_is_asked_and_what_it_needs(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+    common.reproduce(module, _context(tmp_path), only=["a"])
+    assert calls == ["a"]
+    assert [e.name for e in common.select(module, ["b"])] == ["a", "b"]
+    with pytest.raises(common.ReproductionError, match="choose from: a, b"):
+        common.select(module, ["c"])
+
+
+def test_existing_results_are_never_overwritten_silently(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+    common.reproduce(module, _context(tmp_path), only=["a"])
+    with pytest.raises(common.ReproductionError, match="--resume .* --overwrite"):
+        common.reproduce(module, _context(tmp_path))
+    assert calls == ["a"]
+
+
+def test_resume_reuses_finished_experiments(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+    common.reproduce(module, _context(tmp_path), only=["a"])
+    results = common.reproduce(module, _context(tmp_path, resume=True))
+    assert calls == ["a", "b"]  # a was not run again
+    assert list(results["experiments"]) == ["a", "b"]
+    with pytest.raises(common.ReproductionError, match="scale \\('quick', now 'full'\\)"):
+        common.reproduce(module, _context(tmp_path, resume=True, scale="full"))
+
+
+def test_overwrite_clears_only_what_a_reproduction_wrote(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+    common.reproduce(module, _context(tmp_path))
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    common.reproduce(module, _context(tmp_path), only=["a"], overwrite=True)
+    out = tmp_path / "out"
+    assert not (out / "b").exists() and (out / "notes.txt").read_text() == "mine"
+    assert list(json.loads((out / "results.json").read_text())["experiments"]) == ["a"]
+    assert calls == ["a", "b", "a"]
+
+
+def test_a_failing_experiment_keeps_the_finished_ones(tmp_path):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+
+    def broken(ctx):
+        raise FloatingPointError("diverged")
+
+    module.EXPERIMENTS[1] = common.Experiment("b", "Fig. B", broken, module.EXPERIMENTS[1].report)
+    with pytest.raises(FloatingPointError):
+        common.reproduce(module, _context(tmp_path))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved["experiments"]) == ["a"]
+    assert "## Fig. A" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_fmt():
+    assert common.fmt(0.02346) == "0.0235"
+    assert common.fmt(1.2345e-9) == "1.23e-09"
+    assert common.fmt(None) == "–" and common.fmt(math.nan) == "–" and common.fmt(7) == "7"
+    assert common.fmt("text") == "text"
+
+
+def test_papers_are_registered_and_importable():
+    assert "lillicrap2016" in papers() and papers() == PAPERS
+    module = load_paper("lillicrap2016")
+    assert module.TITLE and module.EXPERIMENTS
+    names = [e.name for e in module.EXPERIMENTS]
+    assert len(set(names)) == len(names)
+    for experiment in module.EXPERIMENTS:
+        assert set(experiment.needs) <= set(names)
+    with pytest.raises(ValueError, match="choose one of: .*lillicrap2016"):
+        load_paper("nobody2099")
+
+
+def test_python_api_defaults_to_runs_paper_scale(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = reproduce("lillicrap2016", only=["fig3"], progress=False, device="cpu")
+    assert "fig3" in results["experiments"]
+    assert (tmp_path / "runs" / "lillicrap2016-quick" / "report.md").exists()
+
+
+def test_cli_rejects_bad_input_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "nobody2099"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["reproduce", "lillicrap2016", "--only", "fig99", "--out", str(tmp_path)]) == 2
+    assert "choose from: fig1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "lillicrap2016", "--quick", "--full"])
+
+
+def test_cli_runs_and_says_where_the_report_is(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["reproduce", "lillicrap2016", "--only", "fig3", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    assert main(["reproduce", "lillicrap2016", "--only", "fig3", "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["reproduce", "lillicrap2016", "--only", "fig3", "--out", str(out), "--no-progress",
+                 "--resume"]) == 0
