@@ -1,5 +1,5 @@
-"""What alignment recording costs: one measurement, and a step between measurements, each divided by the time of
-a training step of the same model, measured side by side in one run.
+"""What alignment recording costs: a measured training step, a step between measurements and a measurement on
+its own, each divided by the time of a plain training step of the same model, measured side by side in one run.
 
     python benchmarks/alignment_cost.py                      # CPU (and CUDA too when present)
     python benchmarks/alignment_cost.py --rules fa --models mlp
@@ -7,21 +7,26 @@ a training step of the same model, measured side by side in one run.
 Models and batches as in step_time.py (MLP 784-1000-1000-10 and a LeNet-5-style CNN, batch 128). Per model and
 rule, each round times, in a fresh random order:
   step          a training step (forward, cross-entropy, backward, SGD);
-  off           recorder.record() on a step that is not measured, then a training step (the cost when off);
-  measure       recorder.record() on a measured step: two forward/backward passes, the comparisons, one line to disk;
-  measure+pbp   the same with pseudo_backprop=True (adds a pseudo-inverse of every Linear weight).
-The table shows median ms and the median over rounds of each time divided by the same round's step time.
+  off           the training step inside ``recorder.step()`` on a step that is not measured (the cost when off);
+  measured      the training step inside ``recorder.step()`` on a measured step: the step's own pass, backprop's
+                reference pass, the comparisons, one line to disk (what fbalign.train does every log.every steps);
+  measured+pbp  the same with pseudo_backprop=True (adds a pseudo-inverse of every Linear weight);
+  record        ``recorder.record()`` on its own: the rule's pass and backprop's, the comparisons, one line.
+The table shows median ms and the median over rounds of each time divided by the same round's step time, so a
+measured step's extra cost is (measured × step) − 1 steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from step_time import MODELS, interleaved_times, make_step
+from step_time import MODELS, interleaved_times
 from torch import nn
 
 import fbalign
@@ -34,22 +39,26 @@ def bench(model_name: str, rule: str, device: torch.device, batch: int, steps: i
     model = fbalign.convert(MODELS[model_name]().to(device), rule, seed=0)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    step = make_step(model, x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     loss_fn = nn.functional.cross_entropy
-    every = 10**9  # so that record(1, ...) is never a measuring step
+    every = 10**9  # so that step 1 is never a measuring step, and step 0 always is
     recorder = AlignmentRecorder(model, loss_fn, every, folder / f"{model_name}-{rule}.jsonl")
     with_pbp = AlignmentRecorder(model, loss_fn, every, folder / f"{model_name}-{rule}-pbp.jsonl",
                                  pseudo_backprop=True)
 
-    def off() -> None:
-        recorder.record(1, x, y)
-        step()
+    def step(around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        with around():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+        optimizer.step()
 
-    tasks = {"step": step, "off": off, "measure": lambda: recorder.record(0, x, y),
-             "measure+pbp": lambda: with_pbp.record(0, x, y)}
+    tasks = {"step": step, "off": lambda: step(lambda: recorder.step(1, x, y)),
+             "measured": lambda: step(lambda: recorder.step(0, x, y)),
+             "measured+pbp": lambda: step(lambda: with_pbp.step(0, x, y)),
+             "record": lambda: recorder.record(0, x, y)}
     for task in tasks.values():  # warm up
         task()
-    repeats = {name: steps if name in ("step", "off") else max(1, steps // 5) for name in tasks}
+    repeats = {name: steps if name in ("step", "off") else max(1, steps // 3) for name in tasks}
     times = interleaved_times(tasks, repeats, rounds, device)
     recorder.close()
     with_pbp.close()
@@ -75,13 +84,13 @@ def main() -> None:
         for device_name in devices:
             device = torch.device(device_name)
             label = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-            print(f"\n{label}\n| model | rule | step ms | off × step | measure × step | measure+pbp × step |\n"
-                  "|---|---|---|---|---|---|")
+            print(f"\n{label}\n| model | rule | step ms | off × step | measured × step | measured+pbp × step "
+                  "| record × step |\n|---|---|---|---|---|---|---|")
             for model_name in args.models.split(","):
                 for rule in args.rules.split(","):
                     r = bench(model_name, rule, device, args.batch, args.steps, args.rounds, Path(folder))
                     print(f"| {model_name} | {rule} | {r['step'][0]:.2f} | {r['off'][1]:.3f} | "
-                          f"{r['measure'][1]:.2f} | {r['measure+pbp'][1]:.2f} |", flush=True)
+                          f"{r['measured'][1]:.2f} | {r['measured+pbp'][1]:.2f} | {r['record'][1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

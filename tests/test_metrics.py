@@ -4,6 +4,7 @@ and feedback alignment on Lillicrap's linear task aligns."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -15,7 +16,8 @@ from torch import nn
 
 import fbalign
 from fbalign import rules
-from fbalign.metrics import AlignmentRecorder, angle, example_angles, load_records, measure_alignment, nse
+from fbalign.metrics import AlignmentRecorder, angle, example_angles, load_records, measure_alignment, measure_step, nse
+from fbalign.metrics import alignment as alignment_module
 
 
 @pytest.fixture(autouse=True)
@@ -342,20 +344,23 @@ def noisy_cnn(rule: str) -> nn.Module:
     return fbalign.convert(model, rule, **uses_seed(rule))
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recorder: AlignmentRecorder | None, steps: int = 6):
-    """SGD with momentum; batches drawn from the global RNG, which also drives dropout and brsf."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recorder: AlignmentRecorder | None, steps: int = 6,
+          inside_step: bool = False):
+    """SGD with momentum; batches drawn from the global RNG, which also drives dropout and brsf. The recorder
+    measures before each step (``record``) or on the step's own forward/backward (``inside_step``)."""
     torch.manual_seed(5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)  # decay: kp's λ
     model.train()
     for step in range(steps):
         idx = torch.randperm(len(x))[:16]
-        if recorder is not None:
+        if recorder is not None and not inside_step:
             grads_before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
             recorder.record(step, x[idx], y[idx])
             for p, before in zip(model.parameters(), grads_before):
                 assert same(p.grad, before), "record() touched .grad"
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        if step % 2 == 0:  # accumulate gradients over two steps: record() runs between accumulated backwards
+        with recorder.step(step, x[idx], y[idx]) if inside_step else contextlib.nullcontext():
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        if step % 2 == 0:  # accumulate gradients over two steps: measurements run between accumulated backwards
             optimizer.step()
             optimizer.zero_grad()
     return model, optimizer, torch.get_rng_state()
@@ -365,10 +370,11 @@ def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
-def assert_same_training(make, rule: str, x: torch.Tensor, y: torch.Tensor, tmp_path) -> dict:
+def assert_same_training(make, rule: str, x: torch.Tensor, y: torch.Tensor, tmp_path, inside_step: bool = False
+                         ) -> dict:
     plain, plain_opt, plain_rng = train(make(rule), x, y, None)
     with AlignmentRecorder(make(rule), nn.functional.cross_entropy, every=1, path=tmp_path / "a.jsonl") as rec:
-        measured, measured_opt, measured_rng = train(rec.model, x, y, rec)
+        measured, measured_opt, measured_rng = train(rec.model, x, y, rec, inside_step=inside_step)
     assert torch.equal(plain_rng, measured_rng)
     for (name, a), b in zip(plain.state_dict().items(), measured.state_dict().values()):
         assert torch.equal(a, b), f"{rule}: {name} differs after training with measurements"
@@ -380,10 +386,11 @@ def assert_same_training(make, rule: str, x: torch.Tensor, y: torch.Tensor, tmp_
     return records[-1]
 
 
+@pytest.mark.parametrize("inside_step", [False, True], ids=["record", "step"])
 @pytest.mark.parametrize("rule", rules.available())
-def test_measuring_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
+def test_measuring_leaves_training_bit_for_bit_unchanged(rule, inside_step, tmp_path):
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    last = assert_same_training(noisy_mlp, rule, x, y, tmp_path)
+    last = assert_same_training(noisy_mlp, rule, x, y, tmp_path, inside_step)
     angles = [v for k, v in last.items() if k.startswith("angle_")]
     assert all(0.0 <= v <= 180.0 for v in angles if not math.isnan(v))
     if rule == "backprop":  # both passes drew the same dropout masks, so they agree exactly
@@ -392,9 +399,93 @@ def test_measuring_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
         assert all(not math.isnan(v) for k, v in last.items() if k.startswith("angle_dh_bp/"))
 
 
+@pytest.mark.parametrize("inside_step", [False, True], ids=["record", "step"])
 @pytest.mark.parametrize("rule", ["fa", "brsf", "dfa", "kp"])
-def test_measuring_a_conv_net_leaves_training_bit_for_bit_unchanged(rule, tmp_path):
-    assert_same_training(noisy_cnn, rule, torch.randn(64, 2, 7, 7), torch.randint(0, 3, (64,)), tmp_path)
+def test_measuring_a_conv_net_leaves_training_bit_for_bit_unchanged(rule, inside_step, tmp_path):
+    assert_same_training(noisy_cnn, rule, torch.randn(64, 2, 7, 7), torch.randint(0, 3, (64,)), tmp_path,
+                         inside_step)
+
+
+def test_the_bit_for_bit_check_catches_a_measuring_hook_that_alters_a_gradient(monkeypatch, tmp_path):
+    keep = alignment_module._keep
+
+    def altering(found, index, grad):
+        keep(found, index, grad)
+        return grad * (1 + 1e-6)
+
+    monkeypatch.setattr(alignment_module, "_keep", altering)
+    with pytest.raises(AssertionError, match="differs after training with measurements"):
+        assert_same_training(noisy_mlp, "fa", torch.randn(64, 6), torch.randint(0, 3, (64,)), tmp_path,
+                             inside_step=True)
+
+
+@pytest.mark.parametrize("make", [noisy_mlp, noisy_cnn])
+@pytest.mark.parametrize("rule", rules.available())
+def test_measuring_inside_the_step_gives_what_measure_alignment_gives(make, rule):
+    """The step's own pass is the rule's pass measure_alignment runs (same random draws, same buffers), even with
+    gradients already accumulated in .grad; pseudo-backprop angles and reference scores included."""
+    if make is noisy_cnn and rule == "pbp":
+        pytest.skip("pbp is defined for Linear layers only")
+    model = make(rule)
+    x = torch.randn(16, 6) if make is noisy_mlp else torch.randn(16, 2, 7, 7)
+    y = torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()  # .grad holds something already
+    reference = (x[:8] + 1, y[:8])
+    expected = measure_alignment(model, nn.functional.cross_entropy, x, y, reference=reference,
+                                 pseudo_backprop=True)
+    with measure_step(model, nn.functional.cross_entropy, x, y, reference=reference, pseudo_backprop=True) as got:
+        assert got == {}
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), key
+
+
+class Drift(nn.Module):
+    """Scales its input by a buffer that it rolls in every training forward (state a measurement must rewind)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.arange(1.0, n + 1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * self.scale
+        if self.training:
+            self.scale = self.scale.roll(1)  # a new tensor: autograd saved the old one
+        return out
+
+
+def test_the_reference_pass_starts_from_the_buffers_the_training_pass_saw():
+    torch.manual_seed(0)
+    model = fbalign.convert(nn.Sequential(nn.Linear(4, 5), Drift(5), nn.Tanh(), nn.Linear(5, 3)).double(),
+                            "backprop")
+    x, t = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    with measure_step(model, half_squared_error, x, t) as got:
+        half_squared_error(model(x), t).backward()
+    assert set(keyed(got, "angle_grad_bp").values()) == {0.0}  # backprop against backprop, from one state
+    assert model[1].scale.tolist() == [5.0, 1.0, 2.0, 3.0, 4.0]  # rolled once, by the training pass only
+
+
+def test_measure_step_says_what_the_block_did_wrong():
+    model = mlp("fa")
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"call optimizer.step\(\) after the with-block"):
+        with measure_step(model, half_squared_error, x, t):
+            half_squared_error(model(x), t).backward()
+            optimizer.step()
+    with pytest.raises(ValueError, match=r"run loss.backward\(\) inside the with-block"):
+        with measure_step(model, half_squared_error, x, t):
+            loss = half_squared_error(model(x), t)
+    loss.backward()  # the hooks are gone: a late backward records nothing and changes nothing
+    with pytest.raises(ValueError, match="the model ran 2 times"):
+        with measure_step(model, half_squared_error, x, t):
+            (half_squared_error(model(x), t) + half_squared_error(model(x), t)).backward()
+    with pytest.raises(RuntimeError, match="boom"), measure_step(model, half_squared_error, x, t) as got:
+        raise RuntimeError("boom")
+    assert got == {}
+    assert all(not layer._forward_hooks and not layer.weight._backward_hooks for _, layer in
+               fbalign.feedback_layers(model))
 
 
 # --- Lillicrap et al.'s linear task ------------------------------------------------------------------------------

@@ -139,6 +139,31 @@ def test_nothing_is_hooked_or_run_between_measurements_and_a_measurement_is_two_
     assert model.training
 
 
+def test_a_measurement_inside_the_step_is_one_extra_pass_and_nothing_is_hooked_between(tmp_path):
+    model, x, t = model_and_batch()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(torch.is_grad_enabled()))
+    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+    def hooked() -> list:
+        return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+    with AlignmentRecorder(model, mse, every=5, path=tmp_path / "a.jsonl") as recorder:
+        with recorder.step(3, x, t) as row:
+            assert hooked() == hooks_before and all(not p._backward_hooks for p in model.parameters())
+            mse(model(x), t).backward()
+        assert row == {} and forwards == [True]  # the training pass only
+        forwards.clear()
+        with recorder.step(5, x, t) as row:
+            mse(model(x), t).backward()
+        assert forwards == [True, True]  # the training pass, and backprop's
+        assert row["step"] == 5 and {"loss", "angle_dh_bp/2", "angle_grad_bp/0.weight"} <= set(row)
+    assert hooks_before == hooked() and all(not p._backward_hooks for p in model.parameters())
+    assert [r["step"] for r in load_records(tmp_path / "a.jsonl")] == [5]
+    with pytest.raises(ValueError, match="closed"), recorder.step(10, x, t):
+        pass
+
+
 def test_tensorboard_gets_every_value(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -532,10 +532,12 @@ class _Loop:
                     while self.batch < self.steps_per_epoch:
                         idx = self.perm[self.batch * batch_size:(self.batch + 1) * batch_size]
                         x, y = x_train[idx], y_train[idx]
-                        out = model(x)
-                        loss = loss_fn(out, y)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        # A measuring step is measured on its own forward/backward (one extra pass: backprop's).
+                        with recorder.step(self.step + 1, x, y) if recorder is not None else nullcontext():
+                            out = model(x)
+                            loss = loss_fn(out, y)
+                            optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
                         optimizer.step()
                         self.losses[self.batch] = loss.detach()
                         if classification:
@@ -543,8 +545,6 @@ class _Loop:
                         self.batch += 1
                         self.step += 1
                         steps_bar.update()
-                        if recorder is not None:
-                            recorder.record(self.step, x, y)
                         if self.batch - self.checked >= _FINITE_CHECK_EVERY:
                             self._check_finite()
                         if log_every and self.step % log_every == 0:

@@ -3,24 +3,30 @@
     recorder = AlignmentRecorder(model, loss_fn, every=100, path="runs/fa/alignment.jsonl")
     with recorder:
         for step, (x, y) in enumerate(loader):
-            recorder.record(step, x, y)          # measures on steps 0, 100, 200, ...; otherwise returns at once
-            loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+            with recorder.step(step, x, y):      # measures on steps 0, 100, 200, ...: one extra forward/backward
+                optimizer.zero_grad()
+                loss_fn(model(x), y).backward()
+            optimizer.step()
     records = load_records("runs/fa/alignment.jsonl")
+
+``recorder.record(step, x, y)`` measures without a training step around it (two extra passes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .alignment import LossFn, measure_alignment
+from .alignment import LossFn, measure_alignment, measure_step
 
 __all__ = ["AlignmentRecorder", "load_records"]
 
@@ -34,8 +40,11 @@ class AlignmentRecorder:
     a killed run keeps every finished record. An existing file is appended to (a resumed run continues it;
     :func:`load_records` keeps the last record of a repeated step).
 
-    Measuring leaves training untouched: a run with a recorder follows the same trajectory, bit for bit, as one
-    without. Between measurements ``record`` returns immediately and nothing is hooked into the model.
+    Two ways to measure. :meth:`step` wraps the training step's forward and backward and measures on them: one
+    extra forward/backward per measurement (backprop's reference). :meth:`record` measures a batch on its own
+    (:func:`~fbalign.metrics.measure_alignment`: the rule's pass and backprop's, two extra). Either way training
+    is untouched: a run with a recorder follows the same trajectory, bit for bit, as one without. Between
+    measurements both return at once and nothing is hooked into the model.
 
     Args:
         model: the model being trained (with fbalign layers).
@@ -65,22 +74,55 @@ class AlignmentRecorder:
         self._file = open(self.path, "a", newline="" if self._csv else None, encoding="utf-8")
         self._tensorboard = _summary_writer(tensorboard_dir) if tensorboard_dir is not None else None
 
+    def measures(self, step: int) -> bool:
+        """Whether ``step`` is a measuring step (``step % every == 0``)."""
+        return step % self.every == 0
+
+    @contextlib.contextmanager
+    def step(self, step: int, inputs: Any, targets: Any) -> Iterator[dict[str, float]]:
+        """Wrap one training step's forward and backward on ``(inputs, targets)``; on a measuring step, measure on
+        them (:func:`~fbalign.metrics.measure_step`) and append the record when the block ends.
+
+        Call ``optimizer.step()`` after the block. Yields a dict: on a measuring step it holds the record
+        (``step`` and the measurements) once the block has ended; otherwise it stays empty and nothing is hooked.
+        """
+        if not self.measures(step):
+            yield {}
+            return
+        self._check_open()
+        row: dict[str, float] = {"step": step}
+        with measure_step(self.model, self.loss_fn, inputs, targets, reference=self.reference,
+                          pseudo_backprop=self.pseudo_backprop) as measured:
+            yield row
+        row.update(measured)
+        self._append(row)
+
     def record(self, step: int, inputs: Any, targets: Any) -> dict[str, float] | None:
-        """Measure on this batch if ``step % every == 0`` and append the record; return it, else None."""
-        if step % self.every:
+        """Measure on this batch if ``step % every == 0`` and append the record; return it, else None.
+
+        Runs the rule's forward/backward and backprop's on the batch (two passes); inside a training loop,
+        :meth:`step` measures on the step's own pass instead (one extra pass).
+        """
+        if not self.measures(step):
             return None
-        if self._file.closed:
-            raise ValueError(f"this AlignmentRecorder was closed; create a new one to keep writing {self.path}")
+        self._check_open()
         measured = measure_alignment(self.model, self.loss_fn, inputs, targets, reference=self.reference,
                                      pseudo_backprop=self.pseudo_backprop)
         row: dict[str, float] = {"step": step, **measured}
+        self._append(row)
+        return row
+
+    def _check_open(self) -> None:
+        if self._file.closed:
+            raise ValueError(f"this AlignmentRecorder was closed; create a new one to keep writing {self.path}")
+
+    def _append(self, row: dict[str, float]) -> None:
         self._write(row)
         if self._tensorboard is not None:
             for key, value in row.items():
                 if key != "step":
-                    self._tensorboard.add_scalar(key, value, step)
+                    self._tensorboard.add_scalar(key, value, row["step"])
             self._tensorboard.flush()
-        return row
 
     def _write(self, row: dict[str, float]) -> None:
         if self._csv:
@@ -91,7 +133,7 @@ class AlignmentRecorder:
             if extra:
                 warnings.warn(f"{self.path} has no column for {', '.join(extra)} (its columns were fixed by its "
                               "first record); those values go only to TensorBoard; use a .jsonl file to keep them",
-                              stacklevel=3)
+                              stacklevel=4)
             csv.writer(self._file).writerow(["" if _undefined(row.get(k)) else row[k] for k in self._columns])
         else:
             clean = {key: None if _undefined(value) else value for key, value in row.items()}
