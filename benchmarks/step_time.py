@@ -154,7 +154,12 @@ def bench(model_name: str, rules: list[str], device: torch.device, batch: int, s
     for spec in rules:
         rule, _, option_text = spec.partition(":")  # e.g. "dfa:resolution=2"
         options = dict(_option(item) for item in option_text.split(":") if item)
-        steps_by_name[spec] = make_step(fbalign.convert(base, rule, seed=0, **options), x, y)
+        try:
+            converted = fbalign.convert(base, rule, seed=0, **options)
+        except ValueError as error:  # a rule that does not apply to this model (pbp on convolutions)
+            print(f"{model_name}: skipping {spec}: {error}", flush=True)
+            continue
+        steps_by_name[spec] = make_step(converted, x, y)
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()

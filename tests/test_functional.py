@@ -104,8 +104,9 @@ def test_unbatched_conv_input():
     torch.testing.assert_close(x.grad, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["linear", "conv"])
-def test_bf16_autocast_matches_autograd_under_autocast(op):
+def test_autocast_matches_autograd_under_autocast(op, dtype):
     torch.manual_seed(1)
     if op == "linear":
         x = torch.randn(8, 16, requires_grad=True)
@@ -121,9 +122,9 @@ def test_bf16_autocast_matches_autograd_under_autocast(op):
         ref_fn = lambda: F.conv2d(x, w, b, 1, 1)  # noqa: E731
     results = []
     for fn in (ours_fn, ref_fn):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             out = fn()
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == dtype
         grads = torch.autograd.grad(out.float().square().sum(), [x, w, b])
         assert all(g.dtype == torch.float32 for g in grads)
         results.append(grads)

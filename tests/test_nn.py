@@ -178,14 +178,15 @@ def test_extra_repr_and_construction_matches_torch():
     assert isinstance(layer, nn.Conv2d) and isinstance(Linear(2, 2), nn.Linear)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rule", ["fa", "usf", "brsf"])
-def test_bf16_autocast_trains(rule):
+def test_autocast_trains(rule, dtype):
     model = fbalign.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                                           nn.Linear(4 * 6 * 6, 10), nn.ReLU(), nn.Linear(10, 3)), rule, seed=0)
     x = torch.randn(5, 1, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     F.cross_entropy(out.float(), torch.tensor([0, 1, 2, 0, 1])).backward()
     for p in model.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
