@@ -633,13 +633,15 @@ def report_fig2a(results: dict[str, Any], section: Report, ctx: Context) -> None
         f"SGD takes {s['batch_size']} examples per step on the batch-mean loss at lr = η·{s['batch_size']} = "
         f"{fmt(s['lr'])} (weight decay likewise per example), which to first order in η is the sum of the paper's "
         "per-example steps. Weights start at torch's default U[±1/√fan_in] (the paper gives no range for this "
-        "network), the same for every algorithm of a run; B ~ U[−"
-        f"{fmt(s['feedback_range'])}, {fmt(s['feedback_range'])}] (the range the paper gives for B), drawn anew "
-        "for each run. Shallow learning trains only the hidden→output weights. Sparse FA removes 50% of the "
-        "hidden→output weights W with a fixed random mask (the layer computes with W ∘ M, so the removed weights "
-        "stay zero) and sets 50% of B's entries to zero. The two masks are drawn **independently**: the point of "
-        "the condition is that feedback needs no knowledge of the forward weights, and a shared mask would hand it "
-        "the forward connectivity. Every number is the test error after the last epoch (no early stopping).")
+        "network), the same for every algorithm of a run; "
+        + (f"B ~ U[−{fmt(s['feedback_range'])}, {fmt(s['feedback_range'])}] (the range the paper gives for B)"
+           if s["feedback_range"] is not None else "B with fbalign's default scale (the variance of W's initial "
+           "weights)")
+        + ", drawn anew for each run. Shallow learning trains only the hidden→output weights. Sparse FA removes 50% of "
+        "the hidden→output weights W with a fixed random mask (the layer computes with W ∘ M, so the removed weights "
+        "stay zero) and sets 50% of B's entries to zero. The two masks are drawn **independently**: the point of the "
+        "condition is that feedback needs no knowledge of the forward weights, and a shared mask would hand it the "
+        "forward connectivity. Every number is the test error after the last epoch (no early stopping).")
     errors = {a: np.asarray(results["test_error"][a]["mean"]) for a in FIG2A_ALGORITHMS}
     early = max(1, s["epochs"] // 10)
     w_rms, b_rms = results["w_rms"], results["b_rms"]["fa"]
@@ -661,9 +663,9 @@ def report_fig2a(results: dict[str, Any], section: Report, ctx: Context) -> None
     if results["sparse_minus_fa"]["mean"] > 1.0:
         paragraphs.append(
             f"**Sparse FA lags FA** by {fmt(results['sparse_minus_fa']['mean'], 2)} points here (the paper: 0.3): "
-            f"with half of B missing its hidden layer gets a weaker and less aligned signal "
-            f"(∡ {fmt(sparse_angle['last_10_percent'], 3)}° against {fmt(angle['last_10_percent'], 3)}°), "
-            "and it ends behind FA.")
+            f"with half of B missing its hidden layer gets a weaker and less aligned signal (rms of B "
+            f"{fmt(results['b_rms']['sparse fa'], 2)} against {fmt(b_rms, 2)}; ∡(Δh, Δh_BP) "
+            f"{fmt(sparse_angle['last_10_percent'], 3)}° against {fmt(angle['last_10_percent'], 3)}° at the end).")
     section.text(*paragraphs)
 
 
