@@ -430,7 +430,6 @@ def _stays_below(examples: Sequence[int], lower: np.ndarray, upper: np.ndarray) 
     return int(examples[first])
 
 
-
 # Stream length, learning-rate tuning prefix, evaluations along the stream and the tuning grid, by scale; the
 # paper's x-axis ends at 4e5 examples. Quick mode needs some 30k examples: before ~25k the 4-layer FA student is
 # still behind the 3-layer one on this teacher (and prefixes under 1000 examples pick too large a rate for it).

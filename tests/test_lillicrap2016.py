@@ -48,10 +48,10 @@ def _linear_student(algorithm: str, init_range: float = lil.WEIGHT_RANGE, seed: 
 # ------------------------------------------------------------------------------------------------ Fig. 1, 3
 
 def test_fig1_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(lil.FIG1_SCALE, "quick", {"examples": 400, "prefix": 100})
+    monkeypatch.setitem(lil.FIG1_SCALE, "quick", {"examples": 300, "prefix": 60})
     found, report = _reproduce(tmp_path, "fig1")
     final = found["final_nse"]
-    assert found["settings"]["examples"] == 400 and found["curves"]["bp"]["examples"][-1] == 400
+    assert found["settings"]["examples"] == 300 and found["curves"]["bp"]["examples"][-1] == 300
     assert all(t["eta"] in lil.ETA_GRID for t in found["tuning"].values())
     # The gradient rules learn where shallow learning (tiny W0 it cannot change) hardly does.
     assert final["shallow"] > 0.5 and max(final["bp"], final["fa"]) < 0.2 * final["shallow"]
