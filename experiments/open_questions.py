@@ -634,16 +634,22 @@ def report_fixed_b(results: dict[str, Any], section: Report, ctx: Context) -> No
         rows.append((f"{task}: sparse − dense B ({what})", sparse_gap,
                      "+0.3 points (MNIST 2.4% vs 2.1%)" if task == "image" else "– (an MNIST claim)",
                      None if task != "image" else bool(sparse_gap < 1.0),
-                     "Lillicrap et al. 2016: sparse FA learns nearly as well (✓: within 1 point); "
-                     f"p = {fmt(head['p_vs_uniform']['sparse'])}"))
+                     "Lillicrap et al. 2016: sparse FA learns nearly as well"
+                     + (" (✓: within 1 point)" if task == "image" else "")
+                     + f"; p = {fmt(head['p_vs_uniform']['sparse'])}"))
         rows.append((f"{task}: sign(W0) − uniform B ({what})", sign_gap, "< 0 (signs matter)",
                      bool(sign_gap < 0), "Liao et al. 2016: the more sign-concordant the feedback, the better "
                      f"(their V follows sign(W); ours is fixed at W0's); p = {fmt(head['p_vs_uniform']['sign(W0)'])}"))
         fa_gap = head["mean"]["uniform"] - head["bp"]
-        rows.append((f"{task}: uniform FA − backprop ({what})", fa_gap,
-                     "≈ 0 (linear: FA at or below BP)" if task == "linear" else "≈ 0 (Fig. 2d: 2e-3 both)"
-                     if task == "nonlinear" else "+3.9 points (BioTorch LeNet, FMNIST)", None,
-                     "Lillicrap 2016 Fig. 1d / 2d" if task != "image" else "BioTorch's published 13.06 vs 9.20"))
+        if task == "linear":
+            claim, agrees, note = ("≤ 0 (1e-12 vs 1e-11)", bool(fa_gap <= 0),
+                                   "Lillicrap 2016 Fig. 1d: FA at or below BP throughout")
+        elif task == "nonlinear":
+            claim, agrees, note = ("≈ 0 (BP 1.05e-3, FA 0.9e-3)", None, "Lillicrap 2016 Fig. 2d, 4-layer student, "
+                                   f"after 4e5 examples; here after {results['settings']['nonlinear']['examples']}")
+        else:
+            claim, agrees, note = "+3.9 points (LeNet)", None, "BioTorch's published Fashion-MNIST 13.06 vs 9.20"
+        rows.append((f"{task}: uniform FA − backprop ({what})", fa_gap, claim, agrees, note))
     section.comparison(rows)
     section.text(_fixed_b_finding(results))
 
@@ -1031,9 +1037,9 @@ def report_plastic(results: dict[str, Any], section: Report, ctx: Context) -> No
         f"optimizer); wm: one mirror step (`fbalign.mirror`, lr {fmt(s['mirror_lr'])}, {s['mirror_batch']} noise "
         "samples) after every training step, as in Akrout et al.'s code, but without their initial mirror phase, so "
         f"that the alignment is seen from a random start. ∡(B, Wᵀ) is recorded every {s['align_every']} steps "
-        "(`log.alignment` of fbalign.train). The optimizer is Akrout et al.'s plain SGD; fa and wm are also run "
-        f"with the other experiments' momentum {fmt(s['controls']['momentum'])}, under which W moves much further "
-        "per step while wm's mirror still takes one step per training step (the control table below).")
+        "(`log.alignment` of fbalign.train). The optimizer is Akrout et al.'s plain SGD; backprop, fa and wm are "
+        f"also run with the other experiments' momentum {fmt(s['controls']['momentum'])}, under which W moves much "
+        "further per step while wm's mirror still takes one step per training step (the control table below).")
     section.figure(results["figure"], f"Plastic feedback. (a) test error per epoch, mean ± sd over {s['seeds']} "
                    "seeds (dashed: the momentum controls, means only); (b, c) ∡(B, Wᵀ) per layer over training, one "
                    "line per seed.")
@@ -1055,9 +1061,10 @@ def report_plastic(results: dict[str, Any], section: Report, ctx: Context) -> No
     akrout = {rule: 100.0 - acc for rule, acc in AKROUT_MNIST_ACCURACY.items()}
     gap = {rule: results["speed"]["by_rule"][rule]["gap_to_bp"] for rule in PLASTIC_RULES}
     rows = [(f"{rule}: final test error − backprop (points)", gap[rule], f"{akrout[rule] - akrout['bp']:+.2f} (MNIST)",
-             bool(gap[rule] < gap["fa"]) if rule in ("kp", "wm") else None,
-             "Akrout et al. 2019: KP and WM close FA's gap to BP" if rule != "fa" else "FA's gap")
-            for rule in ("fa", "kp", "wm")]
+             bool(gap[rule] < gap["fa"] / 2) if rule in ("kp", "wm") else None,
+             "Akrout et al. 2019: KP and WM close FA's gap to BP (✓: at least half of it closed); p vs fa = "
+             f"{fmt(welch_p(results['rules'][rule]['final'], results['rules']['fa']['final']))}"
+             if rule != "fa" else "FA's gap") for rule in ("fa", "kp", "wm")]
     for rule in ("kp", "wm"):
         ends = [a["end"][0] for a in results["alignment"][rule].values()]
         fa_ends = [a["end"][0] for a in results["alignment"]["fa"].values()]
