@@ -614,7 +614,11 @@ def report_fixed_b(results: dict[str, Any], section: Report, ctx: Context) -> No
             section.table(["condition", unit, "test error at best validation epoch", "training error (%)",
                            "p vs uniform (Welch)", "learning rate", "at grid edge"], rows)
         else:
-            section.text(f"{s[task]['examples']} examples in mini-batches of {s['teacher_batch']}.")
+            section.text(f"{s[task]['examples']} examples in mini-batches of {s['teacher_batch']}." + (
+                " Every condition converges exponentially on this task, so how deep its final NSE goes depends "
+                "mostly on the η it was given: one half-decade step of η moves it by several decades. Compare "
+                "conditions that got the same η (the kinds mostly did) rather than across the scale sweep."
+                if task == "linear" else ""))
             section.table(["condition", f"{unit} (geometric mean)", "log10 final NSE", "log10 NSE averaged over "
                            "the run (speed)", "p vs uniform (Welch)", "η", "at grid edge"], rows)
         ranked = head["ranked"]
