@@ -1,0 +1,225 @@
+"""fbalign reproduce open-questions: every experiment at a tiny scale (scikit-learn's digits for the image task,
+short teacher streams), with properties that must hold at any scale."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fbalign
+from fbalign.experiments import PAPERS, common
+from fbalign.experiments import open_questions as oq
+
+TINY_IMAGE = {"image_train": 600, "image_validation": 150, "epochs": 1, "tune_epochs": 1, "data": "digits"}
+TINY = {
+    "fixed-b": (oq.FIXED_B_SCALE, {"seeds": 2, "linear_examples": 200, "linear_prefix": 50, "nonlinear_examples": 200,
+                                   "nonlinear_prefix": 50, "teacher_batch": 10, "image_hidden": [16, 16],
+                                   "scales": [0.1, 1.0], **TINY_IMAGE}),
+    "nonlinear-feedback": (oq.NONLINEAR_SCALE, {"seeds": 2, "examples": 200, "prefix": 50, "teacher_batch": 10,
+                                                "image_hidden": [16, 16], "timing_rounds": 3, "timing_steps": 2,
+                                                **TINY_IMAGE}),
+    "plastic": (oq.PLASTIC_SCALE, {"seeds": 2, "hidden": [32], "align_every": 2, **TINY_IMAGE, "epochs": 6}),
+    "depth": (oq.DEPTH_SCALE, {"seeds": 2, "width": 16, "depths": [1, 3], "align_every": 2,
+                               "rules": ["bp", "fa", "dfa", "kp"], **TINY_IMAGE, "epochs": 2}),
+}
+
+
+@pytest.fixture
+def tiny(monkeypatch, one_thread):
+    """Every experiment's quick sizes shrunk, and short learning-rate grids."""
+    for table, row in TINY.values():
+        monkeypatch.setitem(table, "quick", row)
+    monkeypatch.setattr(oq, "IMAGE_LR_GRID", (0.03, 0.1))
+    monkeypatch.setattr(oq, "PLASTIC_LR_GRID", (0.1, 0.3))
+    monkeypatch.setattr(oq, "TEACHER_ETA_GRID", (1e-3, 1e-2, 1e-1))
+
+
+def _context(tmp_path, **kw):
+    return common.Context(paper="open-questions", out_dir=tmp_path / "out", progress=False, **kw)
+
+
+def test_registered():
+    assert PAPERS["open-questions"] == "fbalign.experiments.open_questions"
+    assert [e.name for e in oq.EXPERIMENTS] == ["fixed-b", "nonlinear-feedback", "plastic", "depth"]
+
+
+def test_sizes_take_seeds_from_the_command_line(tmp_path):
+    assert oq.sizes(oq.DEPTH_SCALE, _context(tmp_path))["seeds"] == oq.DEPTH_SCALE["quick"]["seeds"]
+    assert oq.sizes(oq.DEPTH_SCALE, _context(tmp_path, scale="full", seeds=7))["seeds"] == 7
+
+
+def _tiny_mlp(seed=0):
+    return oq.student((12, 9, 7, 5), "tanh", bias=True, seed=seed, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", oq.FIXED_KINDS)
+def test_every_kind_of_fixed_b_has_the_asked_rms(kind):
+    model = oq.fixed_feedback(_tiny_mlp(), kind, seed=3, rms=0.2, multiplier=3.0)
+    for _, layer in fbalign.feedback_layers(model):
+        assert isinstance(layer.rule, fbalign.rules.FA)
+        assert float(layer.feedback.square().mean().sqrt()) == pytest.approx(0.6, rel=1e-5)
+    if kind == "sparse":
+        zeros = torch.cat([(layer.feedback == 0).reshape(-1) for _, layer in fbalign.feedback_layers(model)])
+        assert 0.35 < float(zeros.float().mean()) < 0.65
+    if kind == "W0":
+        for _, layer in fbalign.feedback_layers(model):
+            assert float(fbalign.metrics.angle(layer.feedback, layer.weight.detach())) < 1e-3
+    with pytest.raises(ValueError, match="unknown kind"):
+        oq.fixed_feedback(_tiny_mlp(), "lognormal", seed=0)
+
+
+def test_sign_concordant_b_stays_fixed_and_concordant_with_w0(tmp_path, tiny):
+    """sign(W0): B agrees in sign with the initial weights everywhere, has one magnitude per layer, and does not
+    follow W while it learns (fbalign's usf would)."""
+    data = oq.image_data(_context(tmp_path), oq.FIXED_B_SCALE["quick"])
+    model = oq.fixed_feedback(oq.image_student(data, [16, 16], "tanh", 0), "sign(W0)", seed=0)
+    layers = fbalign.feedback_layers(model)
+    w0 = [layer.weight.detach().clone() for _, layer in layers]
+    b0 = [layer.feedback.clone() for _, layer in layers]
+    for w, b in zip(w0, b0):
+        assert torch.equal(torch.sign(b), torch.sign(w))
+        assert torch.allclose(b.abs(), torch.full_like(b, 1.0 / math.sqrt(3.0 * w[0].numel())))
+    run = oq.train_image(_context(tmp_path), model, data, tmp_path / "run", lr=0.1, epochs=2, seed=0)
+    assert not run["diverged"] and len(run["history"]) == 2
+    for (_, layer), w, b in zip(layers, w0, b0):
+        assert torch.equal(layer.feedback, b)  # bit for bit: fixed
+        assert not torch.equal(layer.weight.detach(), w)  # while W learned
+    moved = [float(torch.sign(layer.weight.detach()).ne(torch.sign(w)).float().mean()) for (_, layer), w in
+             zip(layers, w0)]
+    assert max(moved) > 0  # W's signs drifted from W0's: B is concordant with W0, not with W
+
+
+@pytest.mark.parametrize("rule", ["fa", "bp"])
+def test_nonlinear_path_reaches_the_hidden_layers(rule):
+    """With the sign pathway at saturation s, every error arriving below a layer is ±s (or 0)."""
+    model = oq._with_path(_tiny_mlp(), rule, "sign", 1.0, seed=0, reference=0.25, rms=None)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    arrived = []
+
+    def keep(module, inputs, output):  # returns None: the output is left alone
+        inputs[0].register_hook(arrived.append)
+
+    for _, layer in oq.hidden_layers(model):
+        layer.register_forward_hook(keep)
+    F.cross_entropy(model(x), y).backward()
+    assert len(arrived) == 2
+    for grad in arrived:
+        assert set(grad.abs().unique().tolist()) <= {0.0, 0.25}
+    linear = oq._with_path(_tiny_mlp(), rule, None, None, seed=0, reference=0.25, rms=None)
+    assert oq.arriving_error_rms(linear, F.cross_entropy, x, y) > 0
+
+
+def test_fixed_b_tiny(tmp_path, tiny):
+    ctx = _context(tmp_path)
+    results = common._to_json(oq.run_fixed_b(ctx))
+    conditions = {"bp", *oq.FIXED_KINDS, "uniform ×0.1"}
+    assert set(results["tasks"]) == {"linear", "nonlinear", "image"}
+    for task, found in results["tasks"].items():
+        assert set(found) == conditions
+        for c in found.values():
+            assert len(c["final"]) == 2
+            rate = c["lr"] if task == "image" else c["eta"]
+            assert rate in (oq.IMAGE_LR_GRID if task == "image" else oq.TEACHER_ETA_GRID)
+        assert set(results["headline"][task]["ranked"]) <= set(oq.FIXED_KINDS)
+    assert (ctx.out_dir / results["figure"]).stat().st_size > 10_000
+    section = common.Report()
+    oq.report_fixed_b(results, section, ctx)
+    text = section.markdown()
+    assert "sign(W0) − uniform B" in text and "Liao et al. 2016" in text and "![fixed_b](fixed_b.png)" in text
+
+
+def test_nonlinear_feedback_tiny(tmp_path, tiny):
+    ctx = _context(tmp_path)
+    results = common._to_json(oq.run_nonlinear_feedback(ctx))
+    names = [name for name, *_ in oq._path_conditions()]
+    assert len(names) == 15 and set(results["teacher"]) == set(results["image"]) == set(names)
+    for name in names:
+        assert results["step_seconds"][name] > 0 and math.isfinite(results["step_ratio"][name])
+        assert results["step_ratio"][name] > 0
+    assert results["step_ratio"]["fa linear"] == results["step_ratio"]["bp linear"] == 1.0
+    refs = results["settings"]["saturation_reference"]
+    assert all(refs[task][rule] > 0 for task in ("teacher", "image") for rule in ("fa", "bp"))
+    assert results["cost"]["fa linear"]["teacher_nse_ratio"] == pytest.approx(1.0)
+    section = common.Report()
+    oq.report_nonlinear_feedback(results, section, ctx)
+    assert "step time ÷ linear path" in section.markdown()
+
+
+def test_plastic_tiny(tmp_path, tiny):
+    """kp's B aligns with Wᵀ within the run, wm's turns towards it, fa's (fixed) only as far as W turns to B."""
+    ctx = _context(tmp_path)
+    results = common._to_json(oq.run_plastic(ctx))
+    assert set(results["rules"]) == set(oq.PLASTIC_RULES)
+    assert set(results["momentum_controls"]) == set(oq.MOMENTUM_CONTROLS)
+    assert {c["momentum"] for c in results["rules"].values()} == {oq.PLASTIC_MOMENTUM}
+    assert {c["momentum"] for c in results["momentum_controls"].values()} == {oq.IMAGE_MOMENTUM}
+    output_layer = results["layers"][-1]
+    align = results["alignment"]
+    for rule in ("fa", "kp", "wm"):
+        records = results["rules"][rule]["records"]
+        assert len(records) == 2 and records[0][0]["step"] == 0 and len(records[0]) > 5
+        assert all(f"angle_b_wt/{output_layer}" in r for r in records[0])
+    for layer in results["layers"]:
+        fa, kp, wm = (align[rule][layer] for rule in ("fa", "kp", "wm"))
+        assert kp["end"][0] < 20 and all(step is not None for step in kp["steps_to_45"])
+        # fa's B is fixed: ∡(B, Wᵀ) falls only as far as W turns towards B (feedback alignment itself)
+        assert kp["start"][0] - kp["end"][0] > fa["start"][0] - fa["end"][0] + 30
+        assert wm["end"][0] < fa["end"][0] - 5
+    assert results["speed"]["by_rule"]["bp"]["gap_to_bp"] == 0.0
+    section = common.Report()
+    oq.report_plastic(results, section, ctx)
+    assert "Akrout et al. 2019" in section.markdown()
+
+
+def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, tiny, monkeypatch):
+    data = oq.teacher_task("nonlinear", 200)
+
+    def condition(kind):
+        return lambda: oq.teacher_condition(
+            lambda seed: oq.fixed_feedback(oq.teacher_student("nonlinear", seed), kind, seed=seed, rms=0.3), data,
+            examples=200, prefix=50, batch_size=10, seeds=2)
+
+    conditions = {kind: condition(kind) for kind in ("uniform", "sign(W0)", "orthogonal")}
+    monkeypatch.setattr(oq, "JOBS", 1)
+    serial = common._to_json(oq.run_conditions(_context(tmp_path), conditions, "serial"))
+    monkeypatch.setattr(oq, "JOBS", 2)
+    parallel = common._to_json(oq.run_conditions(_context(tmp_path), conditions, "parallel"))
+    assert list(parallel) == list(conditions) and parallel == serial
+
+
+def test_mirror_hook_is_removed_after_training(tmp_path, tiny):
+    data = oq.image_data(_context(tmp_path), oq.PLASTIC_SCALE["quick"])
+    model = oq.plastic_model(data, [8], "wm", 0)
+    before = [layer.feedback.clone() for _, layer in fbalign.feedback_layers(model)]
+    oq.train_image(_context(tmp_path), model, data, tmp_path / "run", lr=0.1, epochs=1, seed=0)
+    after = [layer.feedback.clone() for _, layer in fbalign.feedback_layers(model)]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))  # mirrored while training
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(data.train_x[:8]), data.train_y[:8]).backward()
+    optimizer.step()
+    assert all(torch.equal(layer.feedback, a) for (_, layer), a in zip(fbalign.feedback_layers(model), after))
+
+
+def test_depth_tiny_and_resume(tmp_path, tiny):
+    """Every rule at every depth, through reproduce(); run again with resume, it reuses the finished runs."""
+    ctx = _context(tmp_path)
+    results = common.reproduce(oq, ctx, ["depth"], command="fbalign reproduce open-questions --only depth")
+    found = results["experiments"]["depth"]
+    assert set(found["runs"]) == {f"{r}-{d}" for r in ("bp", "fa", "dfa", "kp") for d in (1, 3)}
+    summary = found["summary"]
+    for rule in ("bp", "fa", "dfa", "kp"):
+        for depth in ("1", "3"):
+            assert math.isfinite(summary[rule][depth]["test"][0]) or summary[rule][depth]["diverged"]
+    assert summary["bp"]["3"]["angle_lowest"][0] == pytest.approx(0.0, abs=1e-3)  # backprop is its own reference
+    assert summary["dfa"]["3"]["angle_lowest"][0] > 1.0
+    report = (ctx.out_dir / "report.md").read_text()
+    assert "Does FA keep up as depth grows" in report and "![depth](depth.png)" in report
+    saved = json.loads((ctx.out_dir / "results.json").read_text())["experiments"]["depth"]
+    assert saved["settings"]["depths"] == [1, 3]
+    # A resumed run finds every training run finished in its run directory and gives the same numbers.
+    again = common._to_json(oq.run_depth(_context(tmp_path, resume=True)))
+    assert again["summary"] == summary
