@@ -7,7 +7,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data reproduce demo test bench clean
 
 $(BIN)/fbalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(BIN)/fbalign
 
 data:
 	@scripts/get-fashion-mnist.sh || true
+
+# The main job: every experiment of Lillicrap et al. 2016 at quick scale; the report lands in runs/.
+reproduce: setup data
+	$(BIN)/fbalign reproduce lillicrap2016 --quick --resume
 
 demo: setup data
 	$(BIN)/fbalign demo

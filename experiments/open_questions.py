@@ -641,9 +641,13 @@ def report_fixed_b(results: dict[str, Any], section: Report, ctx: Context) -> No
                      "Lillicrap et al. 2016: sparse FA learns nearly as well"
                      + (" (✓: within 1 point)" if task == "image" else "")
                      + f"; p = {fmt(head['p_vs_uniform']['sparse'])}"))
-        rows.append((f"{task}: sign(W0) − uniform B ({what})", sign_gap, "< 0 (signs matter)",
-                     bool(sign_gap < 0), "Liao et al. 2016: the more sign-concordant the feedback, the better "
-                     f"(their V follows sign(W); ours is fixed at W0's); p = {fmt(head['p_vs_uniform']['sign(W0)'])}"))
+        sign_p = head["p_vs_uniform"]["sign(W0)"]
+        # A verdict only where the difference is significant: with few seeds the direction alone is noise.
+        sign_verdict = bool(sign_gap < 0) if math.isfinite(sign_p) and sign_p < 0.05 else None
+        rows.append((f"{task}: sign(W0) − uniform B ({what})", sign_gap, "< 0 (signs matter)", sign_verdict,
+                     "Liao et al. 2016: the more sign-concordant the feedback, the better "
+                     f"(their V follows sign(W); ours is fixed at W0's); p = {fmt(sign_p)}"
+                     + ("" if sign_verdict is not None else "; no verdict without p < 0.05")))
         fa_gap = head["mean"]["uniform"] - head["bp"]
         if task == "linear":
             claim, agrees, note = ("≤ 0 (1e-12 vs 1e-11)", bool(fa_gap <= 0),
