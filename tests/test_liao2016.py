@@ -9,7 +9,6 @@ import math
 import pytest
 
 from fbalign.experiments import common, liao2016
-from fbalign.train import RunDirectoryError
 
 TINY = {"data": "digits", "epochs": {"mlp": 2, "lenet5": 1}, "batch_size": 64, "seeds": 2, "hidden": [32, 32],
         "train_size": {"digits": 512}, "checkpoints": False, "lr_grid": {"sgd": (1e-2, 1e-1), "bm": (1e-3,)}}
@@ -61,9 +60,12 @@ def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
 
     grid = found["bn_bm"]
     assert sorted(grid["cells"]) == sorted(f"mlp-{r}-{g}" for r in ("backprop", "usf") for g in grid["grid"])
-    assert grid["cells"]["mlp-usf-neither"]["rule_options"] == {"name": "usf", "scale": 1.0}
-    assert grid["cells"]["mlp-usf-BN + BM"]["optimizer"] == "bm" and grid["cells"]["mlp-usf-BN + BM"]["batchnorm"]
-    assert grid["cells"]["mlp-usf-BN + BM"]["grid"] == [1e-3]
+    assert grid["cells"]["mlp-usf-nobn-sgd"]["rule_options"] == {"name": "usf", "scale": 1.0}
+    assert grid["cells"]["mlp-usf-bn-bm"]["optimizer"] == "bm" and grid["cells"]["mlp-usf-bn-bm"]["batchnorm"]
+    assert grid["cells"]["mlp-usf-bn-bm"]["grid"] == [1e-3]
+    assert grid["grid_labels"]["nobn-sgd"].startswith("neither")
+    assert set(grid["verdicts"]["mlp-rate_share"]) == {"sign rules", "backprop"}
+    assert all(0 <= x <= 1 for x in grid["verdicts"]["mlp-rate_share"]["backprop"].values())
     init = grid["init"]
     assert init["mlp-backprop-nobn"]["norm_ratio"] == pytest.approx([1.0, 1.0, 1.0])
     assert init["mlp-usf-nobn"]["norm_ratio"][-1] == pytest.approx(1.0)  # the output layer's gradient is exact
@@ -75,7 +77,7 @@ def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
         assert claim in report
     for figure in ("magnitudes.png", "concordance.png", "bn_bm.png"):
         assert (out / figure).stat().st_size > 10_000 and f"({figure})" in report
-    assert "digits" in report and "collapsed" in report
+    assert "digits" in report and "collapsed" in report and "**Reading.**" in report
     saved = json.loads((out / "results.json").read_text())
     assert saved["experiments"]["magnitudes"]["settings"]["lr_grid"] == {"sgd": [1e-2, 1e-1], "bm": [1e-3]}
 
@@ -102,7 +104,7 @@ def test_collapsed_runs_are_flagged_not_raised(tiny, tmp_path):
         again = liao2016.run_cells(common.Context(paper="liao2016", out_dir=tmp_path / "out", progress=False,
                                                   resume=True), "probe", cells)
         assert again == found
-        with pytest.raises(RunDirectoryError, match="--resume"):
+        with pytest.raises(common.ReproductionError, match="--resume"):
             liao2016.run_cells(ctx, "probe", cells)
     finally:
         liao2016.train = monkeypatched
