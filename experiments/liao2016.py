@@ -493,7 +493,7 @@ def _plot_concordance(ctx: Context, results: dict[str, Any]) -> str:
         for r, style in (("backprop", "--"), ("fa", ":")):
             ref = results["references"].get(m, {}).get(r)
             if ref is not None:
-                ax.axhline(ref["mean"], color=COLORS[r], linestyle=style, linewidth=1, label=f"{LABELS[r]} (p-free)")
+                ax.axhline(ref["mean"], color=COLORS[r], linestyle=style, linewidth=1, label=f"{LABELS[r]} (reference)")
         ax.set(xlabel="sign concordance p", ylabel="test error (%)", title=MODEL_LABELS.get(m, m))
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="x-small")
@@ -580,6 +580,15 @@ def run_bn_bm(ctx: Context) -> dict[str, Any]:
                                       for r in members])) for g in GRID_CELLS}
             for group, members in (("sign rules", [r for r in scale["rules"] if r in SIGN_RULES]),
                                    ("backprop", [r for r in scale["rules"] if r == "backprop"])) if members}
+        # The magnitudes finding in the paper's own variant: bare sign rules with BN + BM, against SGD (BP, BN).
+        signs = [r for r in scale["rules"] if r in SIGN_RULES]
+        results["verdicts"][f"{m}-paper_variant"] = {
+            "pairs": {f"{a} vs {b}": welch_p(_errors(found[f"{m}-{a}-bn-bm"]), _errors(found[f"{m}-{b}-bn-bm"]))
+                      for i, a in enumerate(signs) for b in signs[i + 1:]},
+            "vs_sgd": ({r: {"difference": found[f"{m}-{r}-bn-bm"]["test_error"]["mean"]
+                            - found[f"{m}-backprop-bn-sgd"]["test_error"]["mean"],
+                            "p": welch_p(_errors(found[f"{m}-{r}-bn-bm"]), _errors(found[f"{m}-backprop-bn-sgd"]))}
+                        for r in signs if r != "usf"} if "backprop" in scale["rules"] else {})}
     results["figure"] = _plot_bn_bm(ctx, results)
     return results
 
@@ -671,6 +680,18 @@ def report_bn_bm(results: dict[str, Any], section: Report, ctx: Context) -> None
                                "; ".join(f"{labels[g]} {100 * x:.0f}%" for g, x in share.items()),
                                "(a weaker form of the claim: BN/BM widen the range of workable rates)", None,
                                "compare the sign rules' row with backprop's" if group != "backprop" else ""))
+        variant = results["verdicts"][f"{m}-paper_variant"]
+        if variant["pairs"]:
+            means = " / ".join(f"{results['cells'][f'{m}-{r}-bn-bm']['test_error']['mean']:.2f}"
+                               for r in results["rules"] if r in SIGN_RULES)
+            comparison.append((f"{MODEL_LABELS.get(m, m)}, BN + BM, bare sign: uSF / frSF / brSF", means,
+                               PAPER["magnitudes"], not any(p < SIGNIFICANCE for p in variant["pairs"].values()),
+                               "Welch p: " + ", ".join(f"{k} {fmt(p, 2)}" for k, p in variant["pairs"].items())))
+        for r, d in variant["vs_sgd"].items():
+            worse = d["difference"] > 0 and d["p"] < SIGNIFICANCE
+            comparison.append((f"{MODEL_LABELS.get(m, m)}, {LABELS[r]} (BN + BM) − BP (BN + SGD) (points)",
+                               f"{d['difference']:+.2f}", PAPER["random_magnitudes"], not worse,
+                               f"Welch p {fmt(d['p'], 2)}"))
     section.comparison(comparison)
     signs = [(m, r) for m in results["models"] for r in results["rules"] if r in SIGN_RULES]
     if signs:

@@ -20,7 +20,7 @@ def tiny(monkeypatch, one_thread):
     monkeypatch.setitem(liao2016.MAGNITUDE_SCALE, "quick", {"models": ("mlp",), "rules": liao2016.RULES})
     monkeypatch.setitem(liao2016.CONCORDANCE_SCALE, "quick", {"models": ("mlp",), "rules": ("usf",),
                                                               "p": (0.5, 0.75, 1.0)})
-    monkeypatch.setitem(liao2016.GRID_SCALE, "quick", {"models": ("mlp",), "rules": ("backprop", "usf")})
+    monkeypatch.setitem(liao2016.GRID_SCALE, "quick", {"models": ("mlp",), "rules": ("backprop", "usf", "frsf")})
     monkeypatch.setattr(liao2016, "JOBS", 1)
 
 
@@ -59,13 +59,19 @@ def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
     assert set(concordance["references"]["mlp"]) == {"backprop", "fa"}
 
     grid = found["bn_bm"]
-    assert sorted(grid["cells"]) == sorted(f"mlp-{r}-{g}" for r in ("backprop", "usf") for g in grid["grid"])
+    assert sorted(grid["cells"]) == sorted(f"mlp-{r}-{g}" for r in ("backprop", "usf", "frsf") for g in grid["grid"])
     assert grid["cells"]["mlp-usf-nobn-sgd"]["rule_options"] == {"name": "usf", "scale": 1.0}
     assert grid["cells"]["mlp-usf-bn-bm"]["optimizer"] == "bm" and grid["cells"]["mlp-usf-bn-bm"]["batchnorm"]
     assert grid["cells"]["mlp-usf-bn-bm"]["grid"] == [1e-3]
     assert grid["grid_labels"]["nobn-sgd"].startswith("neither")
     assert set(grid["verdicts"]["mlp-rate_share"]) == {"sign rules", "backprop"}
+    assert grid["verdicts"]["mlp-frsf"]["neither_collapsed"] == grid["cells"]["mlp-frsf-nobn-sgd"]["collapsed"]
     assert all(0 <= x <= 1 for x in grid["verdicts"]["mlp-rate_share"]["backprop"].values())
+    variant = grid["verdicts"]["mlp-paper_variant"]
+    assert list(variant["pairs"]) == ["usf vs frsf"] and list(variant["vs_sgd"]) == ["frsf"]
+    cells = grid["cells"]
+    assert variant["vs_sgd"]["frsf"]["difference"] == pytest.approx(
+        cells["mlp-frsf-bn-bm"]["test_error"]["mean"] - cells["mlp-backprop-bn-sgd"]["test_error"]["mean"])
     init = grid["init"]
     assert init["mlp-backprop-nobn"]["norm_ratio"] == pytest.approx([1.0, 1.0, 1.0])
     assert init["mlp-usf-nobn"]["norm_ratio"][-1] == pytest.approx(1.0)  # the output layer's gradient is exact
