@@ -396,7 +396,9 @@ def _plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
             values = c["test_error"]["values"]
             ax.plot([xi] * len(values), values, "k.", markersize=3)
     ax.set_xticks(x, [LABELS[r] for r in rules])
-    ax.set(ylabel="test error (%)", title=f"{results['settings']['data']}: BN + SGD, mean ± sd over seeds")
+    s = results["settings"]
+    subset = f" ({s['train_size']} training examples)" if s.get("train_size") else ""
+    ax.set(ylabel="test error (%)", title=f"{s['data']}{subset}: BN + SGD, mean ± sd over seeds")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
     return ctx.save_figure(figure, "magnitudes.png")
