@@ -7,5 +7,6 @@ set of plain experiment functions returning results, plus the figures and the re
 
 PAPERS: dict[str, str] = {
     "lillicrap2016": "fbalign.experiments.lillicrap2016",
+    "liao2016": "fbalign.experiments.liao2016",
     "open-questions": "fbalign.experiments.open_questions",
 }

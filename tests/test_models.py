@@ -83,3 +83,41 @@ def test_user_factory_by_import_path(user_package):
         models.resolve_factory(f"{user_package}:nope")
     with pytest.raises(ValueError, match="cannot import 'no_such_package_xyz'"):
         models.resolve_factory("no_such_package_xyz:net")
+
+
+def test_batchnorm_sits_after_every_hidden_layer_before_its_activation():
+    mlp = models.MLP((1, 4, 4), 3, hidden=[5, 6], activation="tanh", batchnorm=True)
+    kinds = [type(m).__name__ for m in mlp]
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "Tanh", "Linear", "BatchNorm1d", "Tanh", "Linear"]
+    assert [m.num_features for m in mlp if isinstance(m, nn.BatchNorm1d)] == [5, 6]
+    lenet = models.build("lenet5", input_shape=(1, 28, 28), num_outputs=10, batchnorm=True)
+    assert [type(m).__name__ for m in lenet.features] == [
+        "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
+        "Conv2d", "BatchNorm2d", "ReLU"]
+    assert [type(m).__name__ for m in lenet.classifier] == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert lenet(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_batchnorm_is_off_by_default_and_keeps_the_parameter_names():
+    torch.manual_seed(0)
+    plain = models.LeNet5((1, 32, 32), 10)
+    torch.manual_seed(0)
+    explicit = models.LeNet5((1, 32, 32), 10, batchnorm=False)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in plain.modules())
+    assert list(plain.state_dict()) == list(explicit.state_dict())
+    assert list(plain.state_dict())[:2] == ["features.0.weight", "features.0.bias"]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in models.MLP((3,), 2))
+
+
+def test_batchnorm_passes_through_a_config_and_trains_under_a_sign_rule():
+    from fbalign.config import ConfigError, load_config
+    from fbalign.train import train
+
+    assert load_config({"model": {"name": "lenet5", "batchnorm": True}}).model.options == {"batchnorm": True}
+    with pytest.raises(ConfigError, match="no option 'batch_norm'.*batchnorm"):  # a misspelling names the option
+        load_config({"model": {"name": "mlp", "batch_norm": True}})
+    result = train({"model": {"name": "mlp", "hidden": [16], "batchnorm": True}, "data": {"name": "digits"},
+                    "rule": {"name": "usf", "scale": 1.0}, "epochs": 1, "batch_size": 32, "device": "cpu",
+                    "threads": 1, "log": {"progress": False}})
+    assert any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
+    assert result.final["test_error"] < 50

@@ -53,15 +53,20 @@ class MLP(nn.Sequential):
         output_activation: nonlinearity after the last layer (``'sigmoid'`` for logistic output units);
             None leaves the output linear (logits for cross-entropy).
         bias: whether the Linear layers have biases.
+        batchnorm: insert ``BatchNorm1d`` after each hidden Linear, before its activation (Ioffe & Szegedy 2015;
+            Liao et al. 2016 found it indispensable for sign-symmetric feedback). The output layer has none.
     """
 
     def __init__(self, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (256, 256),
-                 activation: str = "relu", output_activation: str | None = None, bias: bool = True) -> None:
+                 activation: str = "relu", output_activation: str | None = None, bias: bool = True,
+                 batchnorm: bool = False) -> None:
         widths = [math.prod(input_shape), *hidden, num_outputs]
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(n_in, n_out, bias=bias))
             if i < len(widths) - 2:
+                if batchnorm:
+                    layers.append(nn.BatchNorm1d(n_out))
                 layers.append(make_activation(activation))
         if output_activation is not None:
             layers.append(make_activation(output_activation))
@@ -81,10 +86,12 @@ class LeNet5(nn.Module):
         num_outputs: classes.
         activation: nonlinearity after every layer but the last, one of :data:`ACTIVATIONS`.
         pool: ``'max'`` or ``'avg'`` subsampling.
+        batchnorm: insert ``BatchNorm2d`` after each convolution and ``BatchNorm1d`` after the hidden Linear,
+            before the activation. The output layer has none.
     """
 
     def __init__(self, input_shape: Sequence[int] = (1, 32, 32), num_outputs: int = 10, activation: str = "relu",
-                 pool: str = "max") -> None:
+                 pool: str = "max", batchnorm: bool = False) -> None:
         super().__init__()
         if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] not in (28, 32):
             raise ValueError(f"LeNet5 takes images of shape (C, 32, 32) or (C, 28, 28), not {tuple(input_shape)}; "
@@ -93,13 +100,18 @@ class LeNet5(nn.Module):
             raise ValueError(f"LeNet5: pool={pool!r}; choose 'max' or 'avg'")
         pooling = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         pad = (32 - input_shape[1]) // 2
+
+        def normed(channels: int, norm: type[nn.Module]) -> list[nn.Module]:
+            return [norm(channels)] if batchnorm else []
+
         self.features = nn.Sequential(
-            nn.Conv2d(input_shape[0], 6, 5, padding=pad), make_activation(activation), pooling(2),
-            nn.Conv2d(6, 16, 5), make_activation(activation), pooling(2),
-            nn.Conv2d(16, 120, 5), make_activation(activation),
+            nn.Conv2d(input_shape[0], 6, 5, padding=pad), *normed(6, nn.BatchNorm2d), make_activation(activation),
+            pooling(2),
+            nn.Conv2d(6, 16, 5), *normed(16, nn.BatchNorm2d), make_activation(activation), pooling(2),
+            nn.Conv2d(16, 120, 5), *normed(120, nn.BatchNorm2d), make_activation(activation),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(120, 84), make_activation(activation),
-                                        nn.Linear(84, num_outputs))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(120, 84), *normed(84, nn.BatchNorm1d),
+                                        make_activation(activation), nn.Linear(84, num_outputs))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
