@@ -51,6 +51,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import fbalign
 from fbalign.data import TensorDataset, linear_teacher, load, load_digits, nonlinear_teacher, prepare
 from fbalign.metrics import load_records, measure_alignment
+from fbalign.models import build as build_model
 from fbalign.train import DivergedError, train
 
 from .common import Context, Experiment, Report, fmt
@@ -229,6 +230,21 @@ def fixed_feedback(model: nn.Module, kind: str, *, seed: int, rms: float | None 
             target = multiplier * (rms if rms is not None else 1.0 / math.sqrt(3.0 * layer.weight[0].numel()))
             b.mul_(target / b.square().mean().sqrt())
     return model
+
+
+def fixed_feedback_model(input_shape: Sequence[int], num_outputs: int, *, model: str = "lenet5",
+                         kind: str = "uniform", multiplier: float = 1.0, seed: int = 0,
+                         **model_options: Any) -> nn.Module:
+    """A model factory for ``fbalign train`` (``model.name = "fbalign.experiments.open_questions:fixed_feedback_model"``
+    with ``rule = "torch"``): the built-in ``model`` with its weights drawn from ``seed``, converted by
+    :func:`fixed_feedback`. It puts the fixed-B question to any configuration, e.g. a B twice the default rms::
+
+        fbalign train configs/fashion_mnist_lenet.toml --set rule=torch \\
+            --set 'model.name="fbalign.experiments.open_questions:fixed_feedback_model"' --set model.multiplier=2
+    """
+    torch.manual_seed(seed)
+    built = build_model(model, input_shape=input_shape, num_outputs=num_outputs, **model_options)
+    return fixed_feedback(built, kind, seed=seed, multiplier=multiplier)
 
 
 _PENDING: list[Callable[[], dict[str, Any]]] = []  # the conditions a forked worker picks from, by index

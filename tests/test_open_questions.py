@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fbalign
+import fbalign.models
 from fbalign.experiments import PAPERS, common
 from fbalign.experiments import open_questions as oq
 
@@ -223,3 +224,19 @@ def test_depth_tiny_and_resume(tmp_path, tiny):
     # A resumed run finds every training run finished in its run directory and gives the same numbers.
     again = common._to_json(oq.run_depth(_context(tmp_path, resume=True)))
     assert again["summary"] == summary
+
+
+def test_fixed_feedback_model_is_a_factory_for_fbalign_train():
+    """The factory path a config names: a built-in model, weights from the seed, B at multiplier × the default rms."""
+    model = fbalign.models.build("fbalign.experiments.open_questions:fixed_feedback_model", input_shape=(1, 28, 28),
+                                 num_outputs=10, model="lenet5", multiplier=2.0, seed=1)
+    layers = fbalign.feedback_layers(model)
+    assert [layer.rule.name for _, layer in layers] == ["fa"] * 5
+    for _, layer in layers:
+        default = 1.0 / math.sqrt(3.0 * layer.weight[0].numel())
+        assert float(layer.feedback.square().mean().sqrt()) == pytest.approx(2.0 * default, rel=1e-5)
+    again = oq.fixed_feedback_model((1, 28, 28), 10, multiplier=2.0, seed=1)
+    for p, q in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="unknown kind of B"):
+        oq.fixed_feedback_model((1, 28, 28), 10, kind="triangular")
