@@ -44,20 +44,23 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 from fbalign import __version__
 from fbalign.checkpoint import atomic_write_bytes, atomic_write_text
 
 __all__ = ["Context", "Experiment", "Report", "ReproductionError", "reproduce", "select", "load_results",
-           "render_report", "fmt", "torch_threads", "RESULTS", "REPORT", "SCALES"]
+           "render_report", "fmt", "welch_p", "torch_threads", "RESULTS", "REPORT", "SCALES"]
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -181,6 +184,18 @@ def fmt(value: Any, digits: int = 3) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
         return f"{value:.{digits - 1}e}"
     return f"{value:.{digits}g}"
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Welch t-test p-value between the finite values of ``a`` and ``b``; NaN when it is undefined
+    (fewer than two finite values in either, or no spread in both)."""
+    a = [v for v in a if math.isfinite(v)]
+    b = [v for v in b if math.isfinite(v)]
+    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
+        return math.nan
+    with warnings.catch_warnings():  # near-identical samples: scipy warns of precision loss, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 class Report:

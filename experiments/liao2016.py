@@ -30,7 +30,6 @@ import json
 import math
 import multiprocessing
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from fbalign.config import load_config
 from fbalign.data import TensorDataset
 from fbalign.train import CHECKPOINT, DivergedError, RunDirectoryError, build_model, load_data, train
 
-from .common import Context, Experiment, Report, ReproductionError, fmt, load_results
+from .common import Context, Experiment, Report, ReproductionError, fmt, load_results, welch_p
 
 TITLE = ("Liao, Leibo & Poggio (2016), *How Important Is Weight Symmetry in Backpropagation?*, AAAI-16 "
          "(arXiv 1510.05067)")
@@ -307,15 +306,6 @@ def _settings(ctx: Context) -> dict[str, Any]:
             "seeds": ctx.runs(setup["seeds"], setup["seeds"]), "momentum": MOMENTUM, "schedule": "cosine",
             "lr_grid": {k: list(v) for k, v in setup["lr_grid"].items()}, "chance_margin": CHANCE_MARGIN,
             "train_size": setup["train_size"].get(name)}
-
-
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value of two samples; NaN when undefined (fewer than two values, no spread)."""
-    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
-        return math.nan
-    with warnings.catch_warnings():  # scipy warns of lost precision when a sample's values (nearly) coincide
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def _errors(cell: dict[str, Any]) -> list[float]:

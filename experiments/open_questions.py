@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -54,7 +52,7 @@ from fbalign.metrics import load_records, measure_alignment
 from fbalign.models import build as build_model
 from fbalign.train import DivergedError, train
 
-from .common import Context, Experiment, Report, fmt
+from .common import Context, Experiment, Report, fmt, welch_p
 from .lillicrap2016 import (
     ETA_GRID,
     FEEDBACK_RANGE,
@@ -165,17 +163,6 @@ def pm(values: Sequence[float], digits: int = 3) -> str:
     bad = sum(1 for v in values if v is None or not math.isfinite(v))
     text = f"{fmt(mean, digits)} ± {fmt(sd, 2)}"
     return text + (f" ({bad}/{len(values)} diverged)" if bad else "")
-
-
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value between the finite values of ``a`` and ``b`` (NaN with < 2 of either)."""
-    a = [v for v in a if math.isfinite(v)]
-    b = [v for v in b if math.isfinite(v)]
-    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
-        return math.nan
-    with warnings.catch_warnings():  # near-identical samples: scipy warns of precision loss, the p-value stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def hidden_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
