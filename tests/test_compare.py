@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -75,3 +80,43 @@ def test_compare_runs_the_grid_writes_the_table_and_resumes(tmp_path, capsys):
     assert [o.summary["final"] for o in again[:4]] == [o.summary["final"] for o in outcomes]
     assert {p: p.stat().st_mtime_ns for p in steps} == steps  # finished runs were not trained again
     assert again[4].rule == "dfa" and again[4].status == "finished"
+
+
+SLOW_GRID = """\
+epochs = 1000
+batch_size = 8
+threads = 1
+[model]
+name = "mlp"
+hidden = [128]
+[data]
+name = "digits"
+[log]
+progress = false
+"""
+
+
+def test_sigterm_to_the_parent_alone_stops_every_running_worker_with_a_checkpoint(tmp_path):
+    """A scheduler's or a user's ``kill PID`` reaches only the parent; the running workers must stop too."""
+    config, out = tmp_path / "slow.toml", tmp_path / "grid"
+    config.write_text(SLOW_GRID)
+    command = [sys.executable, "-m", "fbalign", "compare", str(config), "--rules", "bp,fa", "--seeds", "1",
+               "--jobs", "2", "--set", "optimizer.lr=0.02", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    runs = [out / "backprop-seed0", out / "fa-seed0"]
+    deadline = time.monotonic() + 120
+    while not all((run / "metrics.jsonl").exists() for run in runs):  # both are training, past epoch 1
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the runs did not start within 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - stopped_at < 30  # the 1000 epochs would take over a minute
+    assert process.returncode == 130, err
+    outcomes = json.loads((out / "results.json").read_text())
+    assert [o["status"] for o in outcomes] == ["interrupted", "interrupted"]
+    for run in runs:
+        assert (run / "checkpoint.pt").exists() and not (run / "result.json").exists()
+    assert "--set optimizer.lr=0.02" in err and "--resume" in err  # the hint reruns the same grid

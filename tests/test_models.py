@@ -98,6 +98,18 @@ def test_batchnorm_sits_after_every_hidden_layer_before_its_activation():
     assert lenet(torch.randn(4, 1, 28, 28)).shape == (4, 10)
 
 
+def test_lenet5_without_fc_activation_is_biotorchs_variant_a_rank_84_linear_classifier():
+    torch.manual_seed(0)
+    net = models.build("lenet5", input_shape=(1, 32, 32), num_outputs=10, fc_activation=False)
+    assert [type(m).__name__ for m in net.classifier] == ["Flatten", "Linear", "Linear"]
+    fc1, fc2 = net.classifier[1], net.classifier[2]
+    h = torch.randn(5, 120)  # the two Linears compose to one affine map
+    torch.testing.assert_close(net.classifier(h.view(5, 120, 1, 1)),
+                               h @ (fc2.weight @ fc1.weight).T + fc2.weight @ fc1.bias + fc2.bias)
+    assert [type(m).__name__ for m in models.LeNet5((1, 32, 32), 10).classifier] == [
+        "Flatten", "Linear", "ReLU", "Linear"]
+
+
 def test_batchnorm_is_off_by_default_and_keeps_the_parameter_names():
     torch.manual_seed(0)
     plain = models.LeNet5((1, 32, 32), 10)

@@ -5,8 +5,8 @@ processes where the cores allow, each with its share of the CPU threads (one pro
 ``OUT/results.md`` gets a markdown table of the test error per rule, mean ± sd over seeds (and, with a
 validation split, the test error at each run's best validation epoch), ``OUT/results.json`` every run's
 numbers, and ``OUT/curves.png`` the curves (mean ± sd per rule). ``--resume`` continues an interrupted grid:
-finished runs are reused, unfinished ones continue from their checkpoints. Ctrl-C stops every run at the end of
-its current step with a checkpoint.
+finished runs are reused, unfinished ones continue from their checkpoints. Ctrl-C, or SIGTERM sent to this
+process alone (``kill``, a batch scheduler), stops every run at the end of its current step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -29,7 +30,15 @@ from tqdm.auto import tqdm
 from . import rules as rules_module
 from .checkpoint import atomic_write_text
 from .config import PLAIN_TORCH, Config, ConfigError, load_config
-from .train import DivergedError, RunDirectoryError, _stop_requests, catch_stop_signals, resolve_device, train
+from .train import (
+    DivergedError,
+    RunDirectoryError,
+    _stop_requests,
+    catch_stop_signals,
+    resolve_device,
+    stopped_by_parent,
+    train,
+)
 
 __all__ = ["RunOutcome", "compare", "results_table", "plan_parallelism", "add_parser", "main"]
 
@@ -77,6 +86,8 @@ def _run_one(config: dict[str, Any], rule_section: dict[str, Any], seed: int, th
              resume: bool) -> RunOutcome:
     """One run of the grid, in a worker process. Failures become outcomes, so one bad run does not stop the grid."""
     rule = rule_section["name"]
+    if stopped_by_parent():  # queued before the stop came
+        return RunOutcome(rule, seed, run_dir, "not started")
     try:
         result = train(config, run_dir=run_dir, resume=resume, rule=rule_section, seed=seed, threads=threads,
                        log={**config["log"], "progress": False})
@@ -146,9 +157,10 @@ def compare(config: str | os.PathLike | dict[str, Any] | Config, rules: Sequence
     base = cfg.to_dict()
     outcomes: dict[int, RunOutcome] = {}
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with this process
+    stop_event = context.Event()
     bar = tqdm(total=len(grid), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     with _stop_requests(True) as stop, cf.ProcessPoolExecutor(
-            processes, mp_context=context, initializer=catch_stop_signals) as pool:
+            processes, mp_context=context, initializer=catch_stop_signals, initargs=(stop_event,)) as pool:
         futures = {pool.submit(_run_one, base, section, seed, threads, str(d), resume): i
                    for i, ((section, seed), d) in enumerate(zip(grid, dirs))}
         pending = set(futures)
@@ -168,6 +180,7 @@ def compare(config: str | os.PathLike | dict[str, Any] | Config, rules: Sequence
                 if o.status != "finished":
                     tqdm.write(f"{o.rule} seed {o.seed}: {o.status} {o.message}".rstrip())
             if stop and pending:
+                stop_event.set()  # the running workers checkpoint and return; see catch_stop_signals
                 for f in pending:
                     if f.cancel():
                         i = futures[f]
@@ -234,7 +247,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(outcomes)} run(s) in {time.perf_counter() - start:.0f} s; table {out / 'results.md'}, "
           f"curves {out / 'curves.png'}")
     if any(o.status in ("interrupted", "not started") for o in outcomes):
-        print(f"interrupted; continue with: fbalign compare {args.config} --rules {args.rules} --seeds "
-              f"{','.join(map(str, args.seeds))} --out {out} --resume", file=sys.stderr)
+        sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+        print(f"interrupted; continue with: fbalign compare {shlex.quote(str(args.config))} --rules {args.rules} "
+              f"--seeds {','.join(map(str, args.seeds))}{sets} --out {shlex.quote(str(out))} --resume",
+              file=sys.stderr)
         return 130
     return 0 if all(o.status == "finished" for o in outcomes) else 1

@@ -88,10 +88,13 @@ class LeNet5(nn.Module):
         pool: ``'max'`` or ``'avg'`` subsampling.
         batchnorm: insert ``BatchNorm2d`` after each convolution and ``BatchNorm1d`` after the hidden Linear,
             before the activation. The output layer has none.
+        fc_activation: the nonlinearity between the two Linear layers. BioTorch's LeNet has none there (its
+            fc1 and fc2 compose to one linear map of rank 84); ``False`` builds that variant, for comparisons
+            with BioTorch's published errors.
     """
 
     def __init__(self, input_shape: Sequence[int] = (1, 32, 32), num_outputs: int = 10, activation: str = "relu",
-                 pool: str = "max", batchnorm: bool = False) -> None:
+                 pool: str = "max", batchnorm: bool = False, fc_activation: bool = True) -> None:
         super().__init__()
         if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] not in (28, 32):
             raise ValueError(f"LeNet5 takes images of shape (C, 32, 32) or (C, 28, 28), not {tuple(input_shape)}; "
@@ -110,8 +113,9 @@ class LeNet5(nn.Module):
             nn.Conv2d(6, 16, 5), *normed(16, nn.BatchNorm2d), make_activation(activation), pooling(2),
             nn.Conv2d(16, 120, 5), *normed(120, nn.BatchNorm2d), make_activation(activation),
         )
+        hidden_activation = [make_activation(activation)] if fc_activation else []
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(120, 84), *normed(84, nn.BatchNorm1d),
-                                        make_activation(activation), nn.Linear(84, num_outputs))
+                                        *hidden_activation, nn.Linear(84, num_outputs))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

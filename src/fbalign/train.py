@@ -257,16 +257,38 @@ _STOP: list[str] = []  # names of the stop signals received (SIGINT, SIGTERM) wh
 
 
 def _request_stop(signum: int, frame: Any) -> None:
-    if _STOP and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+    if "SIGINT" in _STOP and signum == signal.SIGINT:  # a second Ctrl-C: stop now
         raise KeyboardInterrupt
     _STOP.append(signal.Signals(signum).name)
 
 
-def catch_stop_signals() -> None:
+_PARENT_STOP: Any = None  # in a worker of ``fbalign compare``: the parent's stop request (a multiprocessing Event)
+
+
+def stopped_by_parent() -> bool:
+    """In a worker of ``fbalign compare``: whether the parent has asked every run to stop."""
+    return _PARENT_STOP is not None and _PARENT_STOP.is_set()
+
+
+def catch_stop_signals(stop_event: Any = None) -> None:
     """Turn SIGINT and SIGTERM into stop requests for this whole process (a worker of ``fbalign compare``): a
-    signal that arrives while a run is still loading its data stops it after its first step."""
+    signal that arrives while a run is still loading its data stops it after its first step.
+
+    ``stop_event`` (a ``multiprocessing.Event``) carries a stop from the parent: a ``kill`` of the parent alone,
+    or a scheduler's SIGTERM, reaches no worker, so the parent sets the event and a thread here turns it into
+    the same request a signal makes.
+    """
+    global _PARENT_STOP
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _request_stop)
+    if stop_event is not None:
+        _PARENT_STOP = stop_event
+
+        def forward() -> None:
+            stop_event.wait()
+            _STOP.append("stop request from fbalign compare")
+
+        threading.Thread(target=forward, daemon=True, name="fbalign-stop").start()
 
 
 @contextmanager
