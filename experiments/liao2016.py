@@ -222,6 +222,20 @@ def _train_all(ctx: Context, jobs: list[dict[str, Any]], pool: cf.Executor | Non
     return outcomes  # type: ignore[return-value]
 
 
+def _terminate(pool: cf.ProcessPoolExecutor) -> None:
+    """Kill ``pool``'s workers: ``shutdown`` alone would wait for every running training to finish, and a SIGTERM
+    sent to this process alone never reaches them. A killed run continues from its last checkpoint on --resume."""
+    if hasattr(pool, "terminate_workers"):  # Python 3.14
+        pool.shutdown(wait=False, cancel_futures=True)
+        pool.terminate_workers()
+        return
+    # Earlier Pythons have no public way; shutdown forgets the processes, so take them first.
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.terminate()
+
+
 def collapse_kind(outcome: dict[str, Any]) -> str | None:
     """``'diverged'`` (NaN/Inf loss), ``'chance'`` (test error within ``CHANCE_MARGIN`` of chance), or None."""
     if outcome["status"] == "diverged":
@@ -276,9 +290,13 @@ def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell]) -> dict[str,
         chosen = {cell.key: grids[cell.optimizer][_choose(tuning[cell.key])] for cell in cells}
         seed_jobs = [job(cell, chosen[cell.key], seed) for cell in cells for seed in range(1, seeds)]
         trained = iter(_train_all(ctx, seed_jobs, pool, f"{experiment}: seeds"))
+    except BaseException:  # Ctrl-C or SIGTERM: stop the workers too (finished runs' outcomes are on disk)
+        if pool is not None:
+            _terminate(pool)
+        raise
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)  # on Ctrl-C, start nothing more
+            pool.shutdown(cancel_futures=True)
     results = {}
     for cell in cells:
         grid = list(grids[cell.optimizer])

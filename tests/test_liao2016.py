@@ -3,8 +3,11 @@ p = 1 concordance equal to the plain rule, resume reusing finished runs, the rep
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import math
+import multiprocessing
+import time
 
 import pytest
 
@@ -141,3 +144,22 @@ def test_bad_data_name_fails_clearly(tmp_path):
         liao2016.data_name(_context(tmp_path, data="cifar10"))
     assert liao2016.data_name(_context(tmp_path, scale="full")) == "fashion-mnist"
     assert liao2016.data_name(_context(tmp_path)) == "digits"
+
+
+def test_terminate_kills_workers_that_are_still_training():
+    """On Ctrl-C or SIGTERM a running pool's workers are killed, not waited for (a full-scale run takes minutes)."""
+    pool = cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    futures = [pool.submit(time.sleep, 120) for _ in range(3)]
+    deadline = time.monotonic() + 60
+    while not all(f.running() for f in futures[:2]):
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    workers = list(pool._processes.values())
+    start = time.monotonic()
+    liao2016._terminate(pool)
+    pool.shutdown(cancel_futures=True)  # what the caller's finally does; returns once the workers are gone
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    assert time.monotonic() - start < 15
+    assert futures[2].cancelled()

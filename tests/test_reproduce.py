@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +187,48 @@ def test_cli_runs_and_says_where_the_report_is(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["reproduce", "lillicrap2016", "--only", "fig3", "--out", str(out), "--no-progress",
                  "--resume"]) == 0
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has exited; only a running or sleeping process still works
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("paper, workers", [("liao2016", "spawn_main"), ("open-questions", "fbalign")])
+def test_sigterm_stops_a_reproduction_and_its_worker_processes(tmp_path, paper, workers):
+    """A ``kill`` of ``fbalign reproduce`` must not leave its training workers running as orphans."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the reproductions train in parallel processes only with two or more cores")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "fbalign", "reproduce", paper, "--quick", "--no-progress",
+                                "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    deadline = time.monotonic() + 120
+    while True:  # wait for the training workers (the resource tracker is a child too)
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no worker processes within 120 s"
+        pool = {c for c in _children(process.pid)
+                if workers in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+                and "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text(errors="replace")}
+        if len(pool) >= 2:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # let them start training
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pool), "worker processes outlived the reproduction"

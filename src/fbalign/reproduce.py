@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -98,6 +100,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main, scale="quick")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .experiments.common import REPORT, ReproductionError
@@ -105,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
 
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     command = "fbalign " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only there may handlers be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None  # a kill stops like Ctrl-C
     try:
         results = reproduce(args.paper, scale=args.scale, only=only, seeds=args.seeds, device=args.device,
                             out=args.out, data=args.data, data_dir=args.data_dir, resume=args.resume,
@@ -115,6 +123,15 @@ def main(args: argparse.Namespace) -> int:
     except DivergedError as e:
         print(f"error: diverged: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        again = [a for a in sys.argv[1:] if a != "--overwrite"] or ["reproduce", args.paper]
+        again += [] if "--resume" in again else ["--resume"]
+        print("\ninterrupted: finished experiments and runs are saved; continue with: fbalign "
+              + " ".join(shlex.quote(a) for a in again), file=sys.stderr)
+        return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     out_dir = Path(args.out) if args.out else Path("runs") / f"{args.paper}-{args.scale}"
     seconds = sum(r.get("seconds", 0.0) for r in results["experiments"].values())
     print(f"finished {', '.join(results['experiments'])} ({seconds:.0f} s); report: {out_dir / REPORT}")
