@@ -225,9 +225,8 @@ def _train_all(ctx: Context, jobs: list[dict[str, Any]], pool: cf.Executor | Non
 def _terminate(pool: cf.ProcessPoolExecutor) -> None:
     """Kill ``pool``'s workers: ``shutdown`` alone would wait for every running training to finish, and a SIGTERM
     sent to this process alone never reaches them. A killed run continues from its last checkpoint on --resume."""
-    if hasattr(pool, "terminate_workers"):  # Python 3.14
-        pool.shutdown(wait=False, cancel_futures=True)
-        pool.terminate_workers()
+    if hasattr(pool, "terminate_workers"):  # Python 3.14: cancels what is queued and shuts down itself
+        pool.terminate_workers()  # (not after shutdown: that forgets the processes it would kill)
         return
     # Earlier Pythons have no public way; shutdown forgets the processes, so take them first.
     workers = list((getattr(pool, "_processes", None) or {}).values())

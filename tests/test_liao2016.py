@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import time
 
 import pytest
@@ -149,7 +150,10 @@ def test_bad_data_name_fails_clearly(tmp_path):
 def test_terminate_kills_workers_that_are_still_training():
     """On Ctrl-C or SIGTERM a running pool's workers are killed, not waited for (a full-scale run takes minutes)."""
     pool = cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(time.sleep, 120) for _ in range(3)]
+    # A job counts as running once it is in the call queue, which holds up to 2 + EXTRA_QUEUED_CALLS beyond the
+    # workers' own: only a job after those is surely still queued, to be cancelled.
+    in_flight = 2 + 2 + cf.process.EXTRA_QUEUED_CALLS
+    futures = [pool.submit(time.sleep, 120) for _ in range(in_flight + 1)]
     deadline = time.monotonic() + 60
     while not all(f.running() for f in futures[:2]):
         assert time.monotonic() < deadline, "the workers did not start"
@@ -157,9 +161,8 @@ def test_terminate_kills_workers_that_are_still_training():
     workers = list(pool._processes.values())
     start = time.monotonic()
     liao2016._terminate(pool)
-    pool.shutdown(cancel_futures=True)  # what the caller's finally does; returns once the workers are gone
-    for worker in workers:
-        worker.join(timeout=10)
-        assert not worker.is_alive()
+    pool.shutdown(cancel_futures=True)  # what the caller's finally does: it must not wait for the killed workers
+    for worker in workers:  # not is_alive(): the pool's own thread reaps them too, and poll() then reads "alive"
+        assert multiprocessing.connection.wait([worker.sentinel], timeout=10), f"worker {worker.pid} still runs"
     assert time.monotonic() - start < 15
-    assert futures[2].cancelled()
+    assert futures[in_flight].cancelled()
