@@ -154,7 +154,8 @@ def test_state_dict_deepcopy_and_reconversion():
     for p, q, r in zip(model.parameters(), other.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
         torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
-    assert twin[4]._dfa_wiring is not model[4]._dfa_wiring and twin[4]._dfa_wiring.source is twin[4]
+    assert twin[4].rule_state["dfa_wiring"] is not model[4].rule_state["dfa_wiring"]
+    assert twin[4].rule_state["dfa_wiring"].source is twin[4]
 
     fa = fbalign.convert(model, "fa", seed=0)
     assert not fa._forward_pre_hooks and not fa._forward_hooks

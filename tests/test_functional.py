@@ -148,3 +148,25 @@ def test_feedback_scale_multiplies_the_feedback(batch):
     got = torch.autograd.grad(functional.conv(xc, k, None, fk, (1, 1), (0, 0), (1, 1), 1, 0.37), xc, gc)[0]
     ref = torch.autograd.grad(F.conv2d(xc, fk * 0.37), xc, gc)[0]
     torch.testing.assert_close(got, ref)
+
+
+def test_send_down_is_its_own_argument():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    seven = lambda grad_output, input: torch.full_like(input, 7.0)  # noqa: E731
+    functional.linear(x, w, None, None, send_down=seven).sum().backward()
+    assert torch.all(x.grad == 7.0) and w.grad is not None
+    with pytest.raises(ValueError, match="not both"):
+        functional.linear(x, w, None, w.detach(), send_down=seven)
+    with pytest.raises(TypeError, match="feedback must be a tensor"):
+        functional.linear(x, w, None, "w")
+    with pytest.raises(TypeError, match="send_down must be a callable"):
+        functional.linear(x, w, None, None, send_down=w)
+    x.grad = None
+    with pytest.warns(DeprecationWarning, match="send_down"):  # the old way: a callable as feedback
+        functional.linear(x, w, None, seven).sum().backward()
+    assert torch.all(x.grad == 7.0)
+    image = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    functional.conv(image, kernel, None, None, (1,), (0,), (1,), send_down=seven).sum().backward()
+    assert torch.all(image.grad == 7.0) and kernel.grad is not None

@@ -16,7 +16,10 @@ from fbalign.nn import Conv1d, Conv2d, Conv3d, Linear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-ALL_RULES = ["backprop", "fa", "usf", "frsf", "brsf", "pbp", "shallow", "kp", "wm"]  # dfa: tests/test_dfa.py
+ALL_RULES = rules.available()  # every registered rule: a new one must pass these tests too
+# dfa's convolution matrices are (n_err, C_in, r, r), not kernels (its conv gradients: tests/test_dfa.py); pbp is
+# defined for Linear layers only.
+CONV_RULES = [r for r in ALL_RULES if r not in ("dfa", "pbp")]
 
 
 def seeded(rule: str, seed: int = 0) -> dict:
@@ -40,14 +43,20 @@ def make_feedback_equal_weight(layer: fbalign.nn.FeedbackLayer, monkeypatch) -> 
                 monkeypatch.setattr(rules.BRSF, "_magnitude_rms", 128 / 256)
         elif name == "pbp":
             nn.init.orthogonal_(w)  # pinv(W)ᵀ = W for orthogonal W
+        elif name == "dfa":  # the layer is its own error source: e · B with B = W is W's transpose at work
+            layer.direct_feedback.copy_(w)
+        elif name not in ("backprop", "shallow"):
+            pytest.fail(f"make_feedback_equal_weight does not know how to make {name}'s feedback equal W: teach it")
 
 
 def check_layer_against_torch(ours, reference, x, monkeypatch):
+    model = nn.Sequential(ours)
+    ours.rule.setup_model(model)  # what convert() does once every layer has the rule (dfa wires the model)
     make_feedback_equal_weight(ours, monkeypatch)
     reference.load_state_dict({k: v for k, v in ours.state_dict().items() if k in ("weight", "bias")})
     x1 = x.clone().requires_grad_()
     x2 = x.clone().requires_grad_()
-    out1, out2 = ours(x1), reference(x2)
+    out1, out2 = model(x1), reference(x2)
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)
     g = torch.randn_like(out1)
     out1.backward(g)
@@ -84,7 +93,7 @@ CONVS = [
 ]
 
 
-@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "pbp"])
+@pytest.mark.parametrize("rule", CONV_RULES)
 @pytest.mark.parametrize("ours_cls,torch_cls,kwargs,shape", CONVS)
 def test_conv_with_feedback_equal_to_weight_is_autograd(rule, ours_cls, torch_cls, kwargs, shape, monkeypatch):
     ours = ours_cls(4, 4, **kwargs, rule=rule, dtype=torch.float64, **seeded(rule))
@@ -135,21 +144,28 @@ def test_fa_hidden_update_differs_from_backprop():
     assert not torch.allclose(model[0].weight.grad, gw1_bp)
 
 
-@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "brsf", "pbp", "shallow", "kp", "wm"])
+def set_up(layer: fbalign.nn.FeedbackLayer) -> fbalign.nn.FeedbackLayer:
+    """``layer`` as ``convert`` leaves it: its rule's model-wide set-up done on a model of its own (dfa's wiring)."""
+    layer.rule.setup_model(nn.Sequential(layer))
+    return layer
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
 def test_buffers_are_state_not_parameters(rule):
     options = {"concordance": 0.5} if rule in ("usf", "frsf", "brsf") else {}
-    layer = Linear(6, 5, rule=rule, **options, **seeded(rule))
+    layer = set_up(Linear(6, 5, rule=rule, **options, **seeded(rule)))
     names = {n for n, _ in layer.named_parameters()}
     assert names == {"weight", "bias"}
     state = layer.state_dict()
-    assert set(layer._rule_buffers) <= set(state)
-    fresh = Linear(6, 5, rule=layer.rule)  # another draw...
+    buffers = layer.rule_buffers()
+    assert set(buffers) <= set(state)
+    fresh = set_up(Linear(6, 5, rule=layer.rule))  # another draw...
     fresh.load_state_dict(state)  # ...replaced by the saved one
-    for name in layer._rule_buffers:
-        assert torch.equal(getattr(fresh, name), getattr(layer, name))
+    for name, buffer in buffers.items():
+        assert torch.equal(getattr(fresh, name), buffer)
     double = copy.deepcopy(layer).to(torch.float64)
-    for name in layer._rule_buffers:  # floating state follows the dtype; brsf's bytes stay bytes
-        expected = torch.float64 if getattr(layer, name).is_floating_point() else getattr(layer, name).dtype
+    for name, buffer in buffers.items():  # floating state follows the dtype; brsf's bytes stay bytes
+        expected = torch.float64 if buffer.is_floating_point() else buffer.dtype
         assert getattr(double, name).dtype == expected
 
 
@@ -221,6 +237,7 @@ def test_cuda_matches_cpu(rule):
     torch.manual_seed(0)
     cpu = nn.Sequential(Linear(6, 5, rule=rule, **seeded(rule)),
                         nn.Tanh(), Linear(5, 3, rule="backprop"))
+    rules.get(rule).setup_model(cpu)
     gpu = copy.deepcopy(cpu).cuda()
     assert all(b.is_cuda for b in gpu.buffers())
     x = torch.randn(4, 6, requires_grad=True)
@@ -246,3 +263,109 @@ def test_exact_backprop_context_gives_backprop_gradients_and_restores_the_rule()
     model.zero_grad()
     (0.5 * (model(x) - t).square().sum()).backward()
     assert not torch.allclose(model[0].weight.grad, reference[0].weight.grad)
+
+
+# --- the layer API rules call ------------------------------------------------------------------------------------
+
+def test_add_rule_buffer_adds_replaces_and_goes_with_the_rule():
+    layer = Linear(3, 2, rule="backprop")
+    layer.add_rule_buffer("extra", torch.zeros(2))
+    layer.add_rule_buffer("extra", torch.ones(2, 3), persistent=False)  # replaced, now not in state_dict
+    assert layer.rule_buffers().keys() == {"extra"} and layer.extra.shape == (2, 3)
+    assert "extra" not in layer.state_dict()
+    layer.set_rule("fa", seed=0)
+    assert not hasattr(layer, "extra") and list(layer.rule_buffers()) == ["feedback"]
+    layer.register_buffer("mine", torch.zeros(1))
+    with pytest.raises(ValueError, match="not the rule's"):
+        layer.add_rule_buffer("mine", torch.ones(1))
+
+
+def test_rule_state_is_declared_and_emptied_with_the_rule():
+    layer = Linear(3, 2, rule="fa", seed=0)
+    assert layer.rule_state == {}
+    layer.rule_state["note"] = object()
+    assert copy.deepcopy(layer).rule_state.keys() == {"note"}
+    layer.set_rule("usf")
+    assert layer.rule_state == {}
+
+
+def test_deprecated_layer_names_still_work():
+    layer = Linear(3, 2, rule="fa", seed=0, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(DeprecationWarning, match="add_rule_buffer"):
+        layer.register_feedback_buffer("extra", torch.zeros(1))
+    with pytest.warns(DeprecationWarning, match="forward_exact"):
+        torch.testing.assert_close(layer._forward_exact(x), layer.forward_exact(x))
+    with pytest.warns(DeprecationWarning, match="forward_feedback"):
+        layer._forward_feedback(x, layer.feedback).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 2, dtype=torch.float64) @ layer.feedback)
+    x.grad = None
+    with pytest.warns(DeprecationWarning):  # a callable went to forward_send_down
+        layer._forward_feedback(x, lambda grad_output, input: torch.full_like(input, 7.0)).sum().backward()
+    assert torch.all(x.grad == 7.0)
+
+
+def test_a_layer_written_for_the_old_method_names_keeps_working():
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        class OldScaled(fbalign.nn.FeedbackLayer, nn.Linear):  # doubles its output, as a user's layer might
+            def __init__(self, n: int, rule: str = "fa", **options) -> None:
+                super().__init__(n, n, bias=False, dtype=torch.float64)
+                self.set_rule(rule, **options)
+
+            def _forward_exact(self, input):
+                return 2 * F.linear(input, self.weight)
+
+            def _forward_feedback(self, input, feedback, feedback_scale=None, feedback_nonlinearity=None):
+                return 2 * fbalign.functional.linear(input, self.weight, None, feedback, feedback_scale,
+                                                     feedback_nonlinearity)
+
+    layer = OldScaled(3, rule="fa", seed=0)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, 2 * F.linear(x, layer.weight))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.ones(4, 3, dtype=torch.float64) @ layer.feedback)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), 2 * F.linear(x, layer.weight))  # through forward_exact
+
+
+def test_from_module_keeps_the_layers_hooks_and_leaves_the_original_alone():
+    calls = []
+    plain = nn.Linear(3, 2)
+    handle = plain.register_forward_hook(lambda m, a, out: calls.append("forward"), always_call=True)
+    plain.register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    plain.register_forward_pre_hook(lambda m, a: calls.append("pre"))
+    ours = Linear.from_module(plain, "fa", seed=0)
+    assert ours.weight is plain.weight and ours.bias is plain.bias and type(plain) is nn.Linear
+    ours(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == ["pre", "forward", "backward"]
+    handle.remove()  # a handle of the original removes the hook from the original only
+    calls.clear()
+    ours(torch.randn(4, 3))
+    plain(torch.randn(4, 3))
+    assert calls == ["pre", "forward", "pre"]
+    with pytest.raises(TypeError, match="takes an Linear"):
+        Linear.from_module(nn.Conv1d(3, 2, 1))
+
+
+def test_torch_keeps_forward_pre_hooks_where_model_wiring_reads_them():
+    """ModelWiring.installed reads nn.Module._forward_pre_hooks (torch has no public way to list hooks): this fails
+    loudly if torch moves them."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    wiring = fbalign.nn.ModelWiring()
+    wiring.install(model)
+    assert fbalign.nn.ModelWiring.installed(model) == [wiring]
+    assert any(getattr(h, "__self__", None) is wiring for h in model._forward_pre_hooks.values())
+    fbalign.nn.ModelWiring.remove(model)
+    assert fbalign.nn.ModelWiring.installed(model) == []
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_metrics_import_no_concrete_rule():
+    import ast
+    import inspect
+
+    import fbalign.metrics.alignment as alignment
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(alignment)))
+                if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"dfa", "plastic", "rules"}, imported

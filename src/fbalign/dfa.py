@@ -97,23 +97,34 @@ class DFA(RandomMatrixRule):
     def setup_model(self, model: nn.Module) -> None:
         wire(model, output=self.output)
 
+    # B_l multiplies the network's output error, not the error at the layer's own output as W does.
+    local: ClassVar[bool] = False
+
     def feedback(self, layer: fbnn.FeedbackLayer) -> Tensor:
-        """``B_l``: shape ``(n_err, in_features)``, or ``(n_err, C_in, r, ...)`` for a convolution."""
-        if _BUFFER not in layer._rule_buffers:
-            raise RuntimeError(_NOT_WIRED)
-        return getattr(layer, _BUFFER)
+        """``B_l``, not of the weight's shape: ``(n_err, in_features)``, or ``(n_err, C_in, r, ...)`` for a
+        convolution."""
+        return _wiring(layer).matrix(layer)
+
+    def local_feedback(self, layer: fbnn.FeedbackLayer) -> Tensor | None:
+        """The error source's ``B`` (it carries the error at the source's own output, like fa's); None elsewhere."""
+        return self.feedback(layer) if _wiring(layer).source is layer else None
 
     def forward(self, layer: fbnn.FeedbackLayer, input: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and input.requires_grad):
-            return layer._forward_exact(input)
-        wiring = layer.__dict__.get("_dfa_wiring")
-        if wiring is None or _BUFFER not in layer._rule_buffers:
-            raise RuntimeError(_NOT_WIRED)
-        return layer._forward_feedback(input, wiring.send_down(layer, self._nonlinearity))
+            return layer.forward_exact(input)
+        return layer.forward_send_down(input, _wiring(layer).send_down(layer, self._nonlinearity))
 
 
-_NOT_WIRED = ("this dfa layer is not wired to an output error: DFA needs the whole model. Convert the model that "
-              "contains it, fbalign.convert(model, 'dfa', inplace=True), or call fbalign.dfa.wire(model)")
+_WIRING = "dfa_wiring"  # key in layer.rule_state
+
+
+def _wiring(layer: fbnn.FeedbackLayer) -> DirectFeedback:
+    wiring = layer.rule_state.get(_WIRING)
+    if wiring is None:
+        raise RuntimeError("this dfa layer is not wired to an output error: DFA needs the whole model. Convert the "
+                           "model that contains it, fbalign.convert(model, 'dfa', inplace=True), or call "
+                           "fbalign.dfa.wire(model)")
+    return wiring
 
 
 class _Pass:
@@ -130,7 +141,7 @@ class _Pass:
 class _DirectError:
     """The input gradient of one dfa layer in one forward: ``φ(e · B)`` shaped like the layer's input.
 
-    Passed to the layer's autograd op as its ``feedback``; the op calls it in backward with ``(grad_output,
+    Passed to the layer's autograd op as its ``send_down``; the op calls it in backward with ``(grad_output,
     input)``. The source's call is the first of its pass and records ``e = grad_output``.
     """
 
@@ -205,7 +216,12 @@ class DirectFeedback(fbnn.ModelWiring):
         self._passes: list[_Pass] = []  # a stack: a model may call itself
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_passes": []}  # copies and pickles start with no forward in flight
+        return {**super().__getstate__(), "_passes": []}  # copies and pickles start with no forward in flight
+
+    @staticmethod
+    def matrix(layer: fbnn.FeedbackLayer) -> Tensor:
+        """``layer``'s ``B_l`` (its rule buffer)."""
+        return getattr(layer, _BUFFER)
 
     def name_of(self, layer: nn.Module) -> str:
         return next((name for name, other in self.layers if other is layer), type(layer).__name__)
@@ -243,7 +259,7 @@ class DirectFeedback(fbnn.ModelWiring):
             current.source_ran = True
         else:
             current.receivers.append(name)
-        return _DirectError(current, getattr(layer, _BUFFER), nonlinearity, is_source, self, name)
+        return _DirectError(current, self.matrix(layer), nonlinearity, is_source, self, name)
 
     def describe(self) -> str:
         n_err = self.source.weight.shape[0]
@@ -284,10 +300,7 @@ def wire(model: nn.Module, output: str | None = None) -> DirectFeedback:
             shape: tuple[int, ...] = (n_err, layer.in_features)
         else:
             shape = (n_err, layer.in_channels, *[rule.resolution] * (weight.dim() - 2))
-        if _BUFFER in layer._rule_buffers:
-            delattr(layer, _BUFFER)
-            layer._rule_buffers.remove(_BUFFER)
-        layer.register_feedback_buffer(_BUFFER, rule.draw(shape).to(weight.dtype).to(weight.device))
-        layer._dfa_wiring = wiring
+        layer.add_rule_buffer(_BUFFER, rule.draw(shape).to(weight.dtype).to(weight.device))
+        layer.rule_state[_WIRING] = wiring
     wiring.install(model)
     return wiring

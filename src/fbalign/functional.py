@@ -9,15 +9,25 @@ bias gradients exactly as autograd would, and the input gradient with ``feedback
 
 ``feedback=None`` sends no error below the op: the input gets no gradient. ``feedback_nonlinearity=f`` makes
 the feedback path nonlinear: the input receives ``f(grad_output @ feedback)`` (``f`` of the transposed
-convolution), elementwise. ``feedback`` may also be a callable ``(grad_output, input) -> grad_input`` that
-computes the input's gradient itself (how direct feedback alignment sends the output error instead); the op
-then computes only the weight and bias gradients.
+convolution), elementwise. Instead of a matrix, ``send_down=g``, a callable ``(grad_output, input) -> grad_input``,
+computes the input's gradient itself (how direct feedback alignment sends the output error); the op then computes
+only the weight and bias gradients.
+
+Example::
+
+    >>> x = torch.randn(32, 784, requires_grad=True)
+    >>> w = torch.randn(100, 784, requires_grad=True)
+    >>> b = torch.rand(100, 784)                         # fixed feedback, the weight's shape
+    >>> fbalign.functional.linear(x, w, None, b).sum().backward()
+    >>> torch.allclose(x.grad, torch.ones(32, 100) @ b)  # the error went down through b, not w
+    True
 
 With ``feedback is weight`` both ops reproduce autograd to float tolerance; the tests check this.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +41,26 @@ __all__ = ["linear", "conv", "autocast_args"]
 Nonlinearity = Callable[[Tensor], Tensor]
 SendDown = Callable[[Tensor, Tensor], Tensor]
 """``(grad_output, input) -> grad_input``: an input gradient computed without a feedback matrix (see dfa)."""
+
+
+def _send_down_argument(feedback: Tensor | SendDown | None, send_down: SendDown | None
+                        ) -> tuple[Tensor | None, SendDown | None]:
+    """Check that ``feedback`` is a tensor or None and ``send_down`` a callable or None, not both given; accept a
+    callable ``feedback`` (the old way to pass ``send_down``) with a DeprecationWarning."""
+    if feedback is not None and not isinstance(feedback, Tensor):
+        if not callable(feedback):
+            raise TypeError(f"feedback must be a tensor of the weight's shape or None, not {type(feedback).__name__}")
+        warnings.warn("passing a callable as feedback is deprecated; pass it as send_down=", DeprecationWarning,
+                      stacklevel=3)
+        feedback, send_down = None, feedback if send_down is None else send_down
+    if send_down is not None:
+        if not callable(send_down):
+            raise TypeError(f"send_down must be a callable (grad_output, input) -> grad_input, not "
+                            f"{type(send_down).__name__}")
+        if feedback is not None:
+            raise ValueError("give feedback (a matrix the error goes through) or send_down (a function computing the "
+                             "input's gradient), not both")
+    return feedback, send_down
 
 
 def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -51,14 +81,15 @@ def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 # several percent of a small network's step.
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
-                feedback_scale: Tensor | float | None, nonlinearity: Nonlinearity | None) -> Tensor:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                send_down: SendDown | None, feedback_scale: Tensor | float | None,
+                nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.has_bias = bias is not None
         ctx.has_feedback = feedback is not None
-        ctx.send_down = None if feedback is None or isinstance(feedback, Tensor) else feedback
+        ctx.send_down = send_down
         ctx.feedback_scale = feedback_scale
         ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(input, None if ctx.send_down is not None else feedback)
+        ctx.save_for_backward(input, feedback)
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -83,26 +114,28 @@ class _FeedbackLinear(torch.autograd.Function):
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
-           feedback_scale: Tensor | float | None = None, feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+           feedback_scale: Tensor | float | None = None, feedback_nonlinearity: Nonlinearity | None = None, *,
+           send_down: SendDown | None = None) -> Tensor:
     """``F.linear`` whose error reaches ``input`` through ``feedback · feedback_scale`` instead of ``weight``.
 
     Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``;
     ``feedback_scale`` is a number or a 0-dim tensor, applied to whichever of the error or the matrix is
     smaller. ``feedback`` receives no gradient. ``feedback_nonlinearity``, when given, maps the error after the
-    matrix: ``grad_input = f(grad_output @ feedback)``. A callable ``feedback`` computes ``grad_input`` itself
-    from ``(grad_output, input)``.
+    matrix: ``grad_input = f(grad_output @ feedback)``. ``send_down`` (with ``feedback=None``) computes
+    ``grad_input`` itself from ``(grad_output, input)``.
     """
-    if isinstance(feedback, Tensor):
+    feedback, send_down = _send_down_argument(feedback, send_down)
+    if feedback is not None:
         if feedback.shape != weight.shape:
             raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
         input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
     else:
         input, weight, bias = autocast_args(input, weight, bias)
-    return _FeedbackLinear.apply(input, weight, bias, feedback, feedback_scale, feedback_nonlinearity)
+    return _FeedbackLinear.apply(input, weight, bias, feedback, send_down, feedback_scale, feedback_nonlinearity)
 
 
 _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -110,14 +143,14 @@ _CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 class _FeedbackConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
-                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...], groups: int,
-                nonlinearity: Nonlinearity | None) -> Tensor:
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+                send_down: SendDown | None, stride: tuple[int, ...], padding: tuple[int, ...],
+                dilation: tuple[int, ...], groups: int, nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.nonlinearity = nonlinearity
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.has_feedback = isinstance(feedback, Tensor)
-        ctx.send_down = None if feedback is None or ctx.has_feedback else feedback
+        ctx.has_feedback = feedback is not None
+        ctx.send_down = send_down
         # Without a feedback kernel the weight only fills convolution_backward's weight slot (values unused).
         ctx.save_for_backward(input, feedback if ctx.has_feedback else weight)
         return _CONV_FORWARD[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
@@ -142,30 +175,33 @@ class _FeedbackConv(torch.autograd.Function):
             grad_input = ctx.nonlinearity(grad_input)
         if ctx.send_down is not None and ctx.needs_input_grad[0]:
             grad_input = ctx.send_down(grad_output, input)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def conv(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    feedback: Tensor | SendDown | None,
+    feedback: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int = 1,
     feedback_scale: Tensor | float | None = None,
     feedback_nonlinearity: Nonlinearity | None = None,
+    *,
+    send_down: SendDown | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d`` (chosen by ``weight.dim()``) whose error reaches ``input`` through
     ``feedback · feedback_scale`` (then ``feedback_nonlinearity``, elementwise, when given).
 
     Shapes: input ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``, weight and feedback
     ``(C_out, C_in / groups, *kernel)``. ``padding`` is numeric and symmetric; callers pad asymmetric or
-    non-zero padding explicitly first (as ``nn.Conv2d`` does). A callable ``feedback`` computes the input's
-    gradient itself from ``(grad_output, input)`` (``input`` batched, as the op sees it).
+    non-zero padding explicitly first (as ``nn.Conv2d`` does). ``send_down`` (with ``feedback=None``) computes the
+    input's gradient itself from ``(grad_output, input)`` (``input`` batched, as the op sees it).
     """
-    if isinstance(feedback, Tensor):
+    feedback, send_down = _send_down_argument(feedback, send_down)
+    if feedback is not None:
         if feedback.shape != weight.shape:
             raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")
         if feedback_scale is not None:
@@ -173,10 +209,10 @@ def conv(
     unbatched = input.dim() == weight.dim() - 1
     if unbatched:
         input = input.unsqueeze(0)
-    if isinstance(feedback, Tensor):
+    if feedback is not None:
         input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
     else:
         input, weight, bias = autocast_args(input, weight, bias)
-    out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups,
-                              feedback_nonlinearity)
+    out = _FeedbackConv.apply(input, weight, bias, feedback, send_down, tuple(stride), tuple(padding),
+                              tuple(dilation), groups, feedback_nonlinearity)
     return out.squeeze(0) if unbatched else out

@@ -15,7 +15,8 @@ Example::
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -32,27 +33,40 @@ __all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "feedback_la
 
 _Layer = TypeVar("_Layer", bound="FeedbackLayer")
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks")
-
 
 class FeedbackLayer(nn.Module):
-    """Mixin shared by every fbalign layer: holds the rule, its buffers, and dispatches ``forward`` to it.
+    """Base of every fbalign layer: holds the rule and its per-layer state, and lets the rule run ``forward``.
 
-    Subclasses provide ``_forward_exact(input)`` (torch's op) and ``_forward_feedback(input, feedback)``.
+    The contract between layers and rules. A layer (subclass) implements three ways to run its op:
+
+    * :meth:`forward_exact` ``(input)``: torch's own op, plain autograd;
+    * :meth:`forward_feedback` ``(input, feedback, scale, nonlinearity)``: the same output, with the error reaching
+      ``input`` through ``feedback · scale`` (a tensor of the weight's shape, or None: no error) and then
+      ``nonlinearity``, elementwise (see :mod:`fbalign.functional`);
+    * :meth:`forward_send_down` ``(input, send_down)``: the same output, with ``input``'s gradient computed by
+      ``send_down(grad_output, input)`` (dfa).
+
+    A rule (see :class:`fbalign.rules.FeedbackRule`) calls these from its ``forward`` and keeps its state on the
+    layer: tensors with :meth:`add_rule_buffer` (in ``state_dict``, moved by ``.to()``, removed with the rule),
+    other objects in :attr:`rule_state`. The weight's own gradient is always exact.
     """
 
     weight: Tensor
     bias: Tensor | None
     rule: FeedbackRule
+    rule_state: dict[str, Any]
+    """Objects (not tensors) a rule keeps per layer, by the rule's own keys: dfa's wiring, kp's warning flag. Not
+    saved in ``state_dict``; emptied when the rule is replaced."""
+    _rule_buffers: list[str]  # names of the buffers added by the rule
+    _exact_override: bool = False  # set by exact_backprop()
 
     def set_rule(self: _Layer, rule: str | FeedbackRule, **options: Any) -> _Layer:
-        """Attach ``rule`` (a name or a rule object) with ``options``, replacing the current rule and its buffers."""
+        """Attach ``rule`` (a name or a rule object) with ``options``, replacing the current rule and its state."""
         new_rule = rules.get(rule, **options)
         for name in getattr(self, "_rule_buffers", ()):
             delattr(self, name)
-        self._rule_buffers: list[str] = []
+        self._rule_buffers = []
+        self.rule_state = {}
         self.rule = new_rule
         new_rule.setup(self)
         new_rule.attach(self)
@@ -60,43 +74,124 @@ class FeedbackLayer(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy and unpickling
         super().__setstate__(state)
+        self.__dict__.setdefault("rule_state", {})  # pickled before rule_state existed
         if "rule" in self.__dict__:
             self.rule.attach(self)
 
-    def register_feedback_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
-        """Register a buffer that belongs to the rule (removed again when the rule is replaced)."""
+    def add_rule_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
+        """Add the rule's buffer ``name``, or replace it: registered like any buffer (``state_dict``, ``.to()``)
+        and removed when the rule is replaced."""
+        if name in self._buffers and name not in self._rule_buffers:
+            raise ValueError(f"{type(self).__name__} already has a buffer {name!r} that is not the rule's; "
+                             "choose another name for the rule's buffer")
         self.register_buffer(name, tensor, persistent=persistent)
-        self._rule_buffers.append(name)
+        if name not in self._rule_buffers:
+            self._rule_buffers.append(name)
 
-    _exact_override: bool = False
+    def rule_buffers(self) -> dict[str, Tensor]:
+        """The rule's buffers, by name, in the order they were added."""
+        return {name: getattr(self, name) for name in self._rule_buffers}
 
     def forward(self, input: Tensor) -> Tensor:
         if self._exact_override:
-            return self._forward_exact(input)
+            return self.forward_exact(input)
         return self.rule.forward(self, input)
 
+    def forward_exact(self, input: Tensor) -> Tensor:
+        """Torch's own op on ``input`` (plain autograd: the error goes down through the weight)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_exact(input)")
+
+    def forward_feedback(self, input: Tensor, feedback: Tensor | None, scale: Tensor | float | None = None,
+                         nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        """The op on ``input``, its error going below through ``feedback · scale`` (the weight's shape) and then
+        ``nonlinearity``; ``feedback=None``: no error goes below. Weight and bias gradients are exact."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_feedback(input, feedback, scale, "
+                                  "nonlinearity)")
+
+    def forward_send_down(self, input: Tensor, send_down: functional.SendDown) -> Tensor:
+        """The op on ``input``, with ``input``'s gradient computed by ``send_down(grad_output, input)`` instead of
+        through a matrix (how dfa sends the output error). Weight and bias gradients are exact."""
+        raise NotImplementedError(f"{type(self).__name__} does not support rules that compute the input gradient "
+                                  "themselves (dfa): it must implement forward_send_down(input, send_down)")
+
+    # --- deprecated names, kept for one release ----------------------------------------------------------------
+
+    def register_feedback_buffer(self, name: str, tensor: Tensor, persistent: bool = True) -> None:
+        """Deprecated alias of :meth:`add_rule_buffer`."""
+        warnings.warn("FeedbackLayer.register_feedback_buffer is deprecated; use add_rule_buffer",
+                      DeprecationWarning, stacklevel=2)
+        self.add_rule_buffer(name, tensor, persistent)
+
     def _forward_exact(self, input: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Deprecated alias of :meth:`forward_exact`."""
+        warnings.warn("FeedbackLayer._forward_exact is deprecated; use forward_exact", DeprecationWarning,
+                      stacklevel=2)
+        return self.forward_exact(input)
 
     def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
                           feedback_scale: Tensor | float | None = None,
                           feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
-        """Forward with the error going below through ``feedback · feedback_scale`` (then the nonlinearity), or
-        computed by ``feedback(grad_output, input)`` when it is a callable."""
-        raise NotImplementedError
+        """Deprecated: :meth:`forward_feedback`, or :meth:`forward_send_down` when ``feedback`` is a callable."""
+        warnings.warn("FeedbackLayer._forward_feedback is deprecated; use forward_feedback (a feedback tensor or "
+                      "None) or forward_send_down (a callable)", DeprecationWarning, stacklevel=2)
+        if feedback is not None and not isinstance(feedback, Tensor):
+            return self.forward_send_down(input, feedback)
+        return self.forward_feedback(input, feedback, feedback_scale, feedback_nonlinearity)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass written for the old names (``_forward_exact``, ``_forward_feedback``) keeps working."""
+        super().__init_subclass__(**kwargs)
+        old_exact = cls.__dict__.get("_forward_exact")
+        old_feedback = cls.__dict__.get("_forward_feedback")
+        if old_exact is not None and "forward_exact" not in cls.__dict__:
+            warnings.warn(f"{cls.__qualname__} overrides _forward_exact, which is deprecated: rename it "
+                          "forward_exact", DeprecationWarning, stacklevel=2)
+            cls.forward_exact = old_exact  # type: ignore[method-assign]
+        if old_feedback is not None and "forward_feedback" not in cls.__dict__:
+            warnings.warn(f"{cls.__qualname__} overrides _forward_feedback, which is deprecated: implement "
+                          "forward_feedback (a feedback tensor or None) and forward_send_down (a callable)",
+                          DeprecationWarning, stacklevel=2)
+
+            def forward_feedback(self: FeedbackLayer, input: Tensor, feedback: Tensor | None,
+                                 scale: Tensor | float | None = None,
+                                 nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+                return old_feedback(self, input, feedback, scale, nonlinearity)
+
+            cls.forward_feedback = forward_feedback  # type: ignore[method-assign]
+            if "forward_send_down" not in cls.__dict__:
+                def forward_send_down(self: FeedbackLayer, input: Tensor, send_down: functional.SendDown) -> Tensor:
+                    return old_feedback(self, input, send_down)
+
+                cls.forward_send_down = forward_send_down  # type: ignore[method-assign]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule={self.rule}"
 
     @classmethod
+    def from_module(cls: type[_Layer], module: nn.Module, rule: str | FeedbackRule = "fa", **rule_options: Any
+                    ) -> _Layer:
+        """A converted copy of ``module`` (a torch layer this class extends, e.g. ``nn.Linear`` for
+        :class:`Linear`): the same Parameters (so existing optimizers keep working), buffers, hooks and mode."""
+        torch_layer = cls.__mro__[cls.__mro__.index(FeedbackLayer) + 1]
+        if not isinstance(module, torch_layer):
+            raise TypeError(f"{cls.__name__}.from_module takes an {torch_layer.__name__}, not {type(module).__name__}")
+        new = copy.copy(module)  # shares everything ...
+        for key, value in list(vars(new).items()):
+            if isinstance(value, dict):  # ... then gets containers (parameters, hooks, ...) of its own
+                vars(new)[key] = value.copy()
+        new.__class__ = cls
+        return new.set_rule(rule, **rule_options)
+
+    @classmethod
     def _adopt(cls: type[_Layer], new: _Layer, old: nn.Module, rule: str | FeedbackRule, options: dict) -> _Layer:
-        """Share ``old``'s parameters (so existing optimizers keep working), mode and hooks; attach ``rule``."""
+        """Deprecated: :meth:`from_module` copies ``old`` whole. Kept for subclasses that build ``new`` themselves:
+        shares ``old``'s weight and bias, mode and forward/backward hooks."""
         new.weight = old.weight
         new.bias = old.bias
         new.train(old.training)
-        for hooks in _HOOK_DICTS:
-            if hasattr(old, hooks):
-                setattr(new, hooks, OrderedDict(getattr(old, hooks)))
+        for key, value in vars(old).items():
+            if key.startswith(("_forward", "_backward")) and isinstance(value, dict):
+                vars(new)[key] = value.copy()
         return new.set_rule(rule, **options)
 
 
@@ -132,8 +227,21 @@ class ModelWiring:
     """
 
     def install(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(self.before_forward)
-        model.register_forward_hook(self.after_forward, always_call=True)
+        # The handles follow the model into deep copies and pickles (torch's RemovableHandle keeps its dicts).
+        self._handles = [model.register_forward_pre_hook(self.before_forward),
+                         model.register_forward_hook(self.after_forward, always_call=True)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A handle whose model is gone cannot be copied or pickled (it holds weak references to the model's dicts).
+        handles = [h for h in self.__dict__.get("_handles", ())
+                   if h.hooks_dict_ref() is not None and all(ref() is not None for ref in h.extra_dict_ref)]
+        return {**self.__dict__, "_handles": handles}
+
+    def uninstall(self) -> None:
+        """Remove the hooks :meth:`install` put on the model."""
+        for handle in getattr(self, "_handles", ()):
+            handle.remove()
+        self._handles = []
 
     def before_forward(self, model: nn.Module, args: tuple) -> None:
         pass
@@ -149,7 +257,7 @@ class ModelWiring:
         """The wirings installed on ``model`` or any of its submodules."""
         found: list[ModelWiring] = []
         for module in model.modules():
-            for hook in module._forward_pre_hooks.values():
+            for hook in _forward_pre_hooks(module):
                 owner = getattr(hook, "__self__", None)
                 if isinstance(owner, ModelWiring) and owner not in found:
                     found.append(owner)
@@ -158,10 +266,16 @@ class ModelWiring:
     @classmethod
     def remove(cls, model: nn.Module) -> None:
         """Remove the wirings of this class (every kind, called on ModelWiring) from ``model`` itself."""
-        for hooks in (model._forward_pre_hooks, model._forward_hooks):
-            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), cls)]:
-                del hooks[key]
-                model._forward_hooks_always_called.pop(key, None)
+        for hook in _forward_pre_hooks(model):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, cls):
+                owner.uninstall()
+
+
+def _forward_pre_hooks(module: nn.Module) -> list[Any]:
+    """The forward pre-hooks registered on ``module``. Torch has no public way to list them, so this reads its
+    private dict (tests/test_nn.py fails loudly if torch renames it)."""
+    return list(module._forward_pre_hooks.values())
 
 
 class Linear(FeedbackLayer, nn.Linear):
@@ -180,20 +294,15 @@ class Linear(FeedbackLayer, nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.set_rule(rule, **rule_options)
 
-    @classmethod
-    def from_module(cls, module: nn.Linear, rule: str | FeedbackRule = "fa", **rule_options: Any) -> Linear:
-        """A converted copy of ``module`` sharing its parameters."""
-        with torch.device("meta"):  # no init: the parameters come from ``module``; no RNG draws either
-            new = cls(module.in_features, module.out_features, module.bias is not None, rule="backprop")
-        return cls._adopt(new, module, rule, rule_options)
-
-    def _forward_exact(self, input: Tensor) -> Tensor:
+    def forward_exact(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
-                          feedback_scale: Tensor | float | None = None,
-                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
-        return functional.linear(input, self.weight, self.bias, feedback, feedback_scale, feedback_nonlinearity)
+    def forward_feedback(self, input: Tensor, feedback: Tensor | None, scale: Tensor | float | None = None,
+                         nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        return functional.linear(input, self.weight, self.bias, feedback, scale, nonlinearity)
+
+    def forward_send_down(self, input: Tensor, send_down: functional.SendDown) -> Tensor:
+        return functional.linear(input, self.weight, self.bias, None, send_down=send_down)
 
 
 class _ConvNd(FeedbackLayer):
@@ -207,33 +316,29 @@ class _ConvNd(FeedbackLayer):
     groups: int
     _reversed_padding_repeated_twice: list[int]
 
-    def _forward_exact(self, input: Tensor) -> Tensor:
+    def forward_exact(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
-                          feedback_scale: Tensor | float | None = None,
-                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+    def forward_feedback(self, input: Tensor, feedback: Tensor | None, scale: Tensor | float | None = None,
+                         nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        input, padding = self._padded(input)
+        return functional.conv(input, self.weight, self.bias, feedback, self.stride, padding, self.dilation,
+                               self.groups, scale, nonlinearity)
+
+    def forward_send_down(self, input: Tensor, send_down: functional.SendDown) -> Tensor:
+        input, padding = self._padded(input)
+        return functional.conv(input, self.weight, self.bias, None, self.stride, padding, self.dilation,
+                               self.groups, send_down=send_down)
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``input`` padded as ``nn.ConvNd`` pads it, and the symmetric numeric padding left to the op."""
         pads = self._reversed_padding_repeated_twice
         asymmetric = pads[0::2] != pads[1::2]
         if self.padding_mode != "zeros" or asymmetric:
             # As nn.ConvNd does: pad explicitly (autograd carries the error back through the pad).
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            input = F.pad(input, pads, mode=mode)
-            padding = (0,) * len(self.stride)
-        else:
-            padding = tuple(pads[-2::-2])  # left pads, back in dimension order
-        return functional.conv(input, self.weight, self.bias, feedback, self.stride, padding, self.dilation,
-                               self.groups, feedback_scale, feedback_nonlinearity)
-
-    @classmethod
-    def from_module(cls, module: nn.modules.conv._ConvNd, rule: str | FeedbackRule = "fa",
-                    **rule_options: Any) -> Any:
-        """A converted copy of ``module`` sharing its parameters."""
-        with torch.device("meta"):
-            new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                      padding=module.padding, dilation=module.dilation, groups=module.groups,
-                      bias=module.bias is not None, padding_mode=module.padding_mode, rule="backprop")
-        return cls._adopt(new, module, rule, rule_options)
+            return F.pad(input, pads, mode=mode), (0,) * len(self.stride)
+        return input, tuple(pads[-2::-2])  # left pads, back in dimension order
 
 
 def _conv_doc(n: int) -> str:

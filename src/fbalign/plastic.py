@@ -48,7 +48,7 @@ class _PlasticRule(RandomMatrixRule):
     def setup(self, layer: fbnn.FeedbackLayer) -> None:
         weight = layer.weight.detach()
         start = self.draw(weight.shape, weight)
-        layer.register_feedback_buffer("feedback", start.to(weight.dtype).to(weight.device))
+        layer.add_rule_buffer("feedback", start.to(weight.dtype).to(weight.device))
 
     def feedback(self, layer: fbnn.FeedbackLayer) -> Tensor:
         return layer.feedback
@@ -121,8 +121,8 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
         if not isinstance(rule, KP) or group is None or layer.weight.grad is None or layer._exact_override:
             continue
         decay = rule.decay if rule.decay is not None else float(group.get("weight_decay", 0.0))
-        if decay == 0.0 and not getattr(layer, "_kp_warned", False):
-            layer._kp_warned = True
+        if decay == 0.0 and not layer.rule_state.get("kp_warned", False):
+            layer.rule_state["kp_warned"] = True
             undecayed += 1
         shrink = 1.0 - float(group["lr"]) * decay
         offset = layer.feedback.sub_(layer.weight)

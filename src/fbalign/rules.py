@@ -133,23 +133,39 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def fan_in(weight: Tensor) -> int:
-    """Inputs feeding one output unit: ``in_features``, or ``in_channels / groups · prod(kernel)``."""
-    return weight[0].numel()
-
-
 @dataclass(frozen=True)
 class FeedbackRule:
     """Base class of every rule. Subclasses set ``name``, declare their options as fields, and override
-    :meth:`feedback` (and :meth:`setup` when they keep state, :meth:`forward` when the matrix changes per step).
+    :meth:`feedback` or :meth:`feedback_factors` (and :meth:`setup` when they keep state, :meth:`forward` when the
+    matrix changes per step).
+
+    A rule drives its layers only through the public :class:`fbalign.nn.FeedbackLayer` API: ``forward_exact``,
+    ``forward_feedback``, ``forward_send_down``, ``add_rule_buffer`` and ``rule_state``.
+
+    Example, a complete rule (register it, and ``fbalign.convert(model, "negative_fa")`` works)::
+
+        @register
+        @dataclass(frozen=True)
+        class NegativeFA(MatrixRule):
+            '''The error goes down through -W.'''
+            name: ClassVar[str] = "negative_fa"
+
+            def feedback(self, layer):
+                return -layer.weight.detach()
     """
 
     name: ClassVar[str] = ""
+    local: ClassVar[bool] = True
+    """What :mod:`fbalign.metrics` relies on: :meth:`feedback` is a matrix V of the weight's shape through which
+    the error at the layer's own output goes below it, so ∡(V, W) and ‖V‖/‖W‖ mean something. A rule for which this
+    does not hold (dfa: its matrices carry the network's output error) sets ``local = False`` or overrides
+    :meth:`local_feedback`."""
     # The callable the error passes through after the feedback matrix (set by MatrixRule from its options).
     _nonlinearity: ClassVar[Callable[[Tensor], Tensor] | None] = None
 
     def setup(self, layer: FeedbackLayer) -> None:
-        """Create the rule's per-layer state as buffers on ``layer`` (called once, when the rule is attached)."""
+        """Create the rule's per-layer state as buffers on ``layer`` (``layer.add_rule_buffer``; called once, when
+        the rule is attached)."""
 
     def attach(self, layer: FeedbackLayer) -> None:
         """Called whenever a layer with this rule comes into being: after :meth:`setup`, and again when the layer
@@ -161,12 +177,19 @@ class FeedbackRule:
         decides here where the output error comes from. Most rules need nothing."""
 
     def feedback(self, layer: FeedbackLayer) -> Tensor | None:
-        """The matrix the error is multiplied by below ``layer``, in ``layer.weight``'s shape; None: no error passes.
+        """The matrix V the error at ``layer``'s output is multiplied by on its way below (``grad_in = grad_out @
+        V`` for a Linear layer), of ``layer.weight``'s shape; None: no error passes. (A rule with ``local = False``
+        documents what it returns instead.)
 
         Pure: reading it changes nothing (measurements rely on this).
         """
         matrix, scale = self.feedback_factors(layer)
         return matrix if matrix is None or scale is None else matrix * scale
+
+    def local_feedback(self, layer: FeedbackLayer) -> Tensor | None:
+        """:meth:`feedback` where it is local to ``layer`` (see :attr:`local`), else None: the matrix metrics
+        compare with the weight."""
+        return self.feedback(layer) if self.local else None
 
     def feedback_factors(self, layer: FeedbackLayer) -> tuple[Tensor | None, Tensor | float | None]:
         """:meth:`feedback` as ``(matrix, scale)`` with ``scale`` a number, a 0-dim tensor or None.
@@ -182,8 +205,8 @@ class FeedbackRule:
         """Run ``layer`` on ``input``. Where no error has to go below the layer (inference, or an input that
         needs no gradient, such as the data), the plain op is exact and cheapest."""
         if not (torch.is_grad_enabled() and input.requires_grad):
-            return layer._forward_exact(input)
-        return layer._forward_feedback(input, *self.feedback_factors(layer), self._nonlinearity)
+            return layer.forward_exact(input)
+        return layer.forward_feedback(input, *self.feedback_factors(layer), self._nonlinearity)
 
     def __str__(self) -> str:
         changed = [f"{f.name}={_option_repr(getattr(self, f.name))}" for f in _options(self)
@@ -280,7 +303,7 @@ class Backprop(MatrixRule):
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
         if self._nonlinearity is None:
-            return layer._forward_exact(input)
+            return layer.forward_exact(input)
         return super().forward(layer, input)
 
 
@@ -364,7 +387,7 @@ class FA(RandomMatrixRule):
         b = self.draw(weight.shape, weight, gen)
         if self.sparsity > 0:
             b.mul_(torch.rand(b.shape, generator=gen, dtype=torch.float64) >= self.sparsity)
-        layer.register_feedback_buffer("feedback", b.to(weight.dtype).to(weight.device))
+        layer.add_rule_buffer("feedback", b.to(weight.dtype).to(weight.device))
 
     def feedback(self, layer: FeedbackLayer) -> Tensor:
         return layer.feedback
@@ -401,9 +424,9 @@ class _SignRule(MatrixRule):
         if self.concordance < 1.0:
             agree = torch.rand(weight.shape, generator=gen, dtype=torch.float64) < self.concordance
             flips = torch.where(agree, 1.0, -1.0).to(weight.dtype)
-            layer.register_feedback_buffer("concordance_sign", flips.to(weight.device))
+            layer.add_rule_buffer("concordance_sign", flips.to(weight.device))
         if self._magnitudes:
-            layer.register_feedback_buffer("magnitude", self._initial_magnitude(weight, gen).to(weight.device))
+            layer.add_rule_buffer("magnitude", self._initial_magnitude(weight, gen).to(weight.device))
 
     def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
         raise NotImplementedError

@@ -31,8 +31,8 @@ Keys of the returned dict (angles in degrees; a layer is named as in ``model.nam
                                  the output this is the fraction with eᵀ W B e > 0
 ``angle_dh_pbp/<layer>``         ∡(Δh, W⁺e) with ``e`` the error arriving at the layer's output under
                                  the rule (Linear layers; Lillicrap Fig. 4c)
-``angle_b_wt/<layer>``           ∡(B, Wᵀ) = ∡(V, W), both flattened (rules whose feedback has W's shape and
-                                 carries the error at the layer's own output: not dfa's hidden layers)
+``angle_b_wt/<layer>``           ∡(B, Wᵀ) = ∡(V, W), both flattened (where the rule's feedback is local,
+                                 ``FeedbackRule.local_feedback``: not dfa's hidden layers)
 ``norm_ratio_b_w/<layer>``       ‖B‖ / ‖W‖ (Frobenius)
 ``angle_grad_bp/<parameter>``    ∡ between the rule's gradient of each parameter tensor and backprop's
                                  (the weights' update directions; conv kernels included)
@@ -54,8 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..dfa import DFA, DirectFeedback
-from ..nn import FeedbackLayer, ModelWiring, exact_backprop, feedback_layers
+from ..nn import FeedbackLayer, exact_backprop, feedback_layers
 
 __all__ = ["angle", "example_angles", "nse", "measure_alignment", "measure_step"]
 
@@ -350,10 +349,6 @@ def _compare(model: nn.Module, layers: list[tuple[str, FeedbackLayer]], rule: _P
     values: dict[str, Tensor] = {"loss": rule.loss}
     if _regression(outputs, targets):
         values["nse"] = nse(outputs, targets)
-    # A dfa layer's B multiplies the network's output error, not the error at its own output as W does, so ∡(B, Wᵀ)
-    # means nothing there (even when the shapes happen to match); the error source's B is an ordinary feedback matrix.
-    sources = {id(w.source) for w in ModelWiring.installed(model) if isinstance(w, DirectFeedback)}
-    direct_receivers = {id(layer) for _, layer in layers if isinstance(layer.rule, DFA) and id(layer) not in sources}
     groups: dict[str, dict[str, Tensor]] = {key: {} for key in (
         "angle_dh_bp", "frac_agree_dh_bp", "angle_dh_pbp", "angle_b_wt", "norm_ratio_b_w", "angle_grad_bp")}
     with torch.no_grad():
@@ -369,7 +364,7 @@ def _compare(model: nn.Module, layers: list[tuple[str, FeedbackLayer]], rule: _P
                     dh_pbp = _per_example([e @ w_pinv_t for e in rule.output_errors[name]], n)
                     groups["angle_dh_pbp"][label] = example_angles(dh, dh_pbp).nanmean()
             weight = layer.weight.detach()
-            feedback = layer.rule.feedback(layer) if id(layer) not in direct_receivers else None
+            feedback = layer.rule.local_feedback(layer)  # None where ∡(B, Wᵀ) means nothing (dfa's hidden layers)
             if feedback is not None and feedback.shape == weight.shape:
                 groups["angle_b_wt"][label] = angle(feedback, weight)
                 groups["norm_ratio_b_w"][label] = feedback.norm() / weight.norm()
@@ -451,7 +446,7 @@ def measure_step(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, *
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     versions = {name: p._version for name, p in params.items()}
     # Rule buffers are neither read nor written inside exact_backprop, so only the others need rewinding.
-    rule_buffers = {id(getattr(layer, b)) for _, layer in layers for b in layer._rule_buffers}
+    rule_buffers = {id(buffer) for _, layer in layers for buffer in layer.rule_buffers().values()}
     start_buffers = _Buffers(model, skip=rule_buffers)
     start_random = _RandomState(_accelerators(model, inputs))
     grads: dict[str, dict[int, Tensor]] = {name: {} for name in params}
