@@ -92,3 +92,27 @@ def test_config_object_and_name_from_file(tmp_path):
     assert (cfg.name, cfg.epochs, cfg.rule.name, cfg.seed) == ("my_run", 2, "fa", 4)
     assert load_config(cfg, ["epochs=3"]).epochs == 3 and cfg.epochs == 2
     assert isinstance(load_config(), Config)
+
+
+def test_choices_are_the_registries_keys(monkeypatch):
+    """DATASETS, OPTIMIZERS and SCHEDULES are the one source of truth: what they hold is valid, nothing else."""
+    from fbalign import config, data
+
+    monkeypatch.setitem(config.OPTIMIZERS, "my-sgd", config.OPTIMIZERS["sgd"])
+    monkeypatch.setitem(config.SCHEDULES, "my-step", config.SCHEDULES["step"])
+    monkeypatch.setitem(data.DATASETS, "my-digits", data.DATASETS["digits"])
+    cfg = load_config({"optimizer": "my-sgd", "schedule": {"name": "my-step", "step_size": 2}, "data": "my-digits"})
+    assert (cfg.optimizer.name, cfg.schedule.name, cfg.data.name) == ("my-sgd", "my-step", "my-digits")
+    monkeypatch.delitem(config.OPTIMIZERS, "adam")
+    with pytest.raises(ConfigError, match="optimizer.name = 'adam'.*choose one of 'sgd'"):
+        load_config({"optimizer": "adam"})
+
+
+@pytest.mark.parametrize("hidden", [[0], [16, 0], [-3], 64, [8.5]])
+def test_a_zero_width_model_is_refused_before_training(hidden, tmp_path):
+    from fbalign.train import train
+
+    with pytest.raises(ValueError, match=r"MLP: hidden=.* is not usable: give a list of widths >= 1"):
+        train({"model": {"name": "mlp", "hidden": hidden}, "data": "digits", "epochs": 1, "log": {"progress": False}},
+              run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

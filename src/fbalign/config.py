@@ -87,6 +87,17 @@ SCHEDULES: dict[str, Any] = {
 """Learning-rate schedules, stepped once per epoch. ``cosine`` anneals over all epochs unless ``T_max`` is set."""
 
 
+def _one_of(choices: Mapping[str, Any]) -> Any:
+    """A ``name`` validator: the value must be a key of ``choices`` (the registry itself, so the two never differ)."""
+
+    def check(cls: type, value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"choose one of {', '.join(map(repr, choices))}")
+        return value
+
+    return field_validator("name")(classmethod(check))
+
+
 class _Section(BaseModel):
     """A section whose keys are all declared: any other key is an error."""
 
@@ -126,7 +137,8 @@ class ModelConfig(_Choice):
 class DataConfig(_Choice):
     """A data set by name, how to prepare it (see :func:`fbalign.data.prepare`), then the loader's options."""
 
-    name: Literal["fashion-mnist", "mnist", "digits", "linear-teacher", "nonlinear-teacher"] = "digits"
+    name: str = "digits"
+    _name = _one_of(data_module.DATASETS)
     seed: int = 0
     size: int | None = Field(default=None, ge=1)
     resize: Literal["bilinear", "pad"] = "bilinear"
@@ -142,14 +154,16 @@ class DataConfig(_Choice):
 class OptimizerConfig(_Choice):
     """``name`` (see :data:`OPTIMIZERS`), ``lr``, then the optimizer's own options (momentum, weight_decay, ...)."""
 
-    name: Literal["sgd", "adam", "adamw", "rmsprop", "bm"] = "sgd"
+    name: str = "sgd"
+    _name = _one_of(OPTIMIZERS)
     lr: float = Field(default=0.01, gt=0)
 
 
 class ScheduleConfig(_Choice):
     """``name`` (see :data:`SCHEDULES`), then the scheduler's options (``milestones``, ``gamma``, ...)."""
 
-    name: Literal["constant", "multistep", "step", "cosine", "exponential"] = "constant"
+    name: str = "constant"
+    _name = _one_of(SCHEDULES)
 
 
 class LogConfig(_Section):

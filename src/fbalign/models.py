@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,10 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def _usable_width(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 class MLP(nn.Sequential):
     """Flatten, then ``Linear`` + activation per hidden width, then a ``Linear`` to the outputs.
 
@@ -60,6 +65,11 @@ class MLP(nn.Sequential):
     def __init__(self, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (256, 256),
                  activation: str = "relu", output_activation: str | None = None, bias: bool = True,
                  batchnorm: bool = False) -> None:
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or not all(map(_usable_width, hidden)):
+            raise ValueError(f"MLP: hidden={hidden!r} is not usable: give a list of widths >= 1, e.g. [256, 256] "
+                             "([] for a linear model)")  # a zero-width layer would train, to chance, silently
+        if not _usable_width(num_outputs):
+            raise ValueError(f"MLP: num_outputs={num_outputs!r} must be an integer >= 1")
         widths = [math.prod(input_shape), *hidden, num_outputs]
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -163,6 +173,8 @@ class ResNet(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"ResNet takes images of shape (C, H, W), not {tuple(input_shape)}")
+        if not _usable_width(width):
+            raise ValueError(f"ResNet: width={width!r} must be an integer >= 1 (the channels of the first stage)")
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet: depth={depth} must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, ...)")
         blocks = (depth - 2) // 6

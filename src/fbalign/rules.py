@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._util import check_options
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -97,11 +99,7 @@ def get(rule: str | FeedbackRule, **options: object) -> FeedbackRule:
         cls, base = _RULES[key], None
     else:
         raise TypeError(f"rule must be a rule name or a FeedbackRule, not {type(rule).__name__}")
-    valid = [f.name for f in _options(cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        listed = ", ".join(valid) if valid else "none"
-        raise ValueError(f"rule {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {listed}")
+    check_options(cls, options, f"rule {cls.name!r}")
     return dataclasses.replace(base, **options) if base is not None else cls(**options)
 
 
