@@ -40,3 +40,15 @@ def test_demo_trains_and_prints_errors_side_by_side(fashion_mnist_dir, capsys):
     errors = {r.split("|")[1].strip(): float(r.split("|")[2]) for r in rows}
     assert set(errors) == {"backprop", "fa", "usf"}
     assert all(e < 35 for e in errors.values()), errors  # chance is 90%
+
+
+def test_demo_helpers_are_deprecated_but_still_work():
+    import fbalign.demo as demo
+    from fbalign.models import MLP
+
+    with pytest.warns(DeprecationWarning, match="fbalign.models.MLP"):
+        net = demo.mlp([4, 3, 2])
+    assert isinstance(net, MLP) and [m.out_features for m in net if hasattr(m, "out_features")] == [3, 2]
+    with pytest.warns(DeprecationWarning, match="fbalign.data.DATA_HINT"):
+        assert "fashion-mnist" in demo.DATA_HINT
+    assert set(demo.__all__) == {"run", "add_parser", "main"}

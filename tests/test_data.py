@@ -179,3 +179,10 @@ def test_dataset_moves_every_tensor():
     moved = d.to(torch.device("meta"))
     assert all(t.device.type == "meta" for t in (moved.train_x, moved.val_y, moved.test_x))
     assert d.train_x.device.type == "cpu"
+
+
+def test_the_old_name_of_data_splits_still_works():
+    from fbalign import data
+
+    assert data.TensorDataset is data.DataSplits  # deprecated alias, kept for one release
+    assert isinstance(data.load_digits(), data.TensorDataset)

@@ -283,13 +283,18 @@ def test_bad_options(options, match):
 @pytest.mark.slow
 def test_dfa_mlp_learns_fashion_mnist(fashion_mnist_dir):
     from fbalign.data import load_mnist_format
-    from fbalign.demo import mlp, train_classifier
+    from fbalign.models import MLP
+    from fbalign.train import train
 
     data = load_mnist_format(fashion_mnist_dir, "fashion-mnist")
     data.train_x, data.train_y = data.train_x[:6000], data.train_y[:6000]
     torch.manual_seed(0)
-    base = mlp([28 * 28, 256, 256, 10])
-    errors = {rule: train_classifier(fbalign.convert(base, rule, seed=0), data, epochs=1, lr=0.01, batch_size=64,
-                                     seed=0) for rule in ("dfa", "shallow")}
+    base = MLP((1, 28, 28), 10, hidden=[256, 256])
+
+    def test_error(model: nn.Module) -> float:
+        return train(model=model, data=data, rule="torch", epochs=1, batch_size=64, seed=0, log={"progress": False},
+                     optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}).final["test_error"]
+
+    errors = {rule: test_error(fbalign.convert(base, rule, seed=0)) for rule in ("dfa", "shallow")}
     # One epoch on 6,000 images; measured: dfa 39.4%, shallow (only the output layer learns) 53.9%, backprop 36.6%.
     assert errors["dfa"] < 45 and errors["dfa"] < errors["shallow"] - 8, errors

@@ -95,3 +95,13 @@ def test_band_is_the_given_number_of_standard_deviations():
         assert y.min() == pytest.approx((mean - band * std).min())
     with pytest.raises(ValueError, match="band must be"):
         plot_alignment(records, band=-1)
+
+
+def test_the_old_module_name_still_works_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("fbalign.metrics.plot", None)
+    with pytest.warns(DeprecationWarning, match="fbalign.metrics.alignment_plot"):
+        old = importlib.import_module("fbalign.metrics.plot")
+    assert old.plot_alignment is plot_alignment and old.sliding_mean_std is sliding_mean_std

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TensorDataset", "read_idx", "load_mnist_format", "load_digits", "linear_teacher", "nonlinear_teacher",
+__all__ = ["DataSplits", "read_idx", "load_mnist_format", "load_digits", "linear_teacher", "nonlinear_teacher",
            "load", "prepare", "DATASETS", "FASHION_MNIST_DIR", "DATA_HINT"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -37,8 +37,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 
 
 @dataclass
-class TensorDataset:
-    """Inputs and targets of a train and a test split (and optionally a validation split), as tensors.
+class DataSplits:
+    """A data set's train and test splits (and optionally a validation split), inputs and targets as tensors.
 
     Classification (``num_classes`` set): ``train_x (N, *features)`` float32, ``train_y (N,)`` int64 labels.
     Regression (``num_classes`` None): ``train_y (N, outputs)`` float32 targets. Likewise for test and val.
@@ -77,7 +77,7 @@ class TensorDataset:
         out["test"] = (self.test_x, self.test_y)
         return out
 
-    def to(self, device: torch.device | str) -> TensorDataset:
+    def to(self, device: torch.device | str) -> DataSplits:
         """A copy with every tensor on ``device`` (no copy for tensors already there)."""
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
@@ -86,6 +86,10 @@ class TensorDataset:
             self, train_x=move(self.train_x), train_y=move(self.train_y), test_x=move(self.test_x),
             test_y=move(self.test_y), val_x=move(self.val_x), val_y=move(self.val_y),
             extras={k: v.to(device) for k, v in self.extras.items()})
+
+
+TensorDataset = DataSplits
+"""Deprecated alias of :class:`DataSplits` (kept for one release; it is not torch's ``TensorDataset``)."""
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -124,7 +128,7 @@ def _find(directory: Path, stem: str, name: str) -> Path | None:
     return None
 
 
-def load_mnist_format(directory: str | os.PathLike | None = None, name: str = "fashion-mnist") -> TensorDataset:
+def load_mnist_format(directory: str | os.PathLike | None = None, name: str = "fashion-mnist") -> DataSplits:
     """Load MNIST or Fashion-MNIST from a directory of IDX files.
 
     ``directory=None`` means Debian's Fashion-MNIST (``/usr/share/datasets/fashion-mnist``). The files may be
@@ -155,11 +159,11 @@ def load_mnist_format(directory: str | os.PathLike | None = None, name: str = "f
     def labels(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a.astype(np.int64))
 
-    return TensorDataset(name, images(arrays["trainx"]), labels(arrays["trainy"]), images(arrays["testx"]),
-                         labels(arrays["testy"]), num_classes=10)
+    return DataSplits(name, images(arrays["trainx"]), labels(arrays["trainy"]), images(arrays["testx"]),
+                      labels(arrays["testy"]), num_classes=10)
 
 
-def load_digits(test_size: int = 360, seed: int = 0) -> TensorDataset:
+def load_digits(test_size: int = 360, seed: int = 0) -> DataSplits:
     """scikit-learn's 8×8 handwritten digits (1797 images, shipped with scikit-learn: nothing to download).
 
     Images become float32 ``(N, 1, 8, 8)`` in [0, 1]; ``test_size`` of them, drawn with ``seed``, are the test
@@ -174,11 +178,11 @@ def load_digits(test_size: int = 360, seed: int = 0) -> TensorDataset:
         raise ValueError(f"digits: test_size={test_size} must lie between 1 and {len(x) - 1}")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     test, train = order[:test_size].sort().values, order[test_size:].sort().values
-    return TensorDataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+    return DataSplits("digits", x[train], y[train], x[test], y[test], num_classes=10)
 
 
 def _split_inputs(x: Tensor, y: Tensor, n_train: int, name: str, extras: dict[str, Tensor],
-                  dtype: torch.dtype | str) -> TensorDataset:
+                  dtype: torch.dtype | str) -> DataSplits:
     named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype  # 'float64' from a TOML config
     if not isinstance(named, torch.dtype) or not named.is_floating_point:
         raise ValueError(f"{name}: dtype={dtype!r} is not a floating-point type; use torch.float32 or torch.float64 "
@@ -186,7 +190,7 @@ def _split_inputs(x: Tensor, y: Tensor, n_train: int, name: str, extras: dict[st
     dtype = named
     x, y = x.to(dtype), y.to(dtype)
     extras = {k: v.to(dtype) for k, v in extras.items()}
-    return TensorDataset(name, x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes=None, extras=extras)
+    return DataSplits(name, x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes=None, extras=extras)
 
 
 def _check_sizes(name: str, n_train: int, n_test: int) -> None:
@@ -195,7 +199,7 @@ def _check_sizes(name: str, n_train: int, n_test: int) -> None:
 
 
 def linear_teacher(n_train: int = 400_000, n_test: int = 5000, in_dim: int = 30, out_dim: int = 10,
-                   seed: int = 0, dtype: torch.dtype | str = torch.float32) -> TensorDataset:
+                   seed: int = 0, dtype: torch.dtype | str = torch.float32) -> DataSplits:
     """Lillicrap et al.'s linear task (Fig. 1): ``y* = T·x`` with ``T (out_dim × in_dim) ~ U[-1, 1]`` fixed
     and ``x ~ N(0, I)``.
 
@@ -214,7 +218,7 @@ def linear_teacher(n_train: int = 400_000, n_test: int = 5000, in_dim: int = 30,
 def nonlinear_teacher(n_train: int = 400_000, n_test: int = 5000,
                       widths: tuple[int, ...] | list[int] = (30, 20, 10, 10),
                       weight_range: float = 1.0, seed: int = 0,
-                      dtype: torch.dtype | str = torch.float32) -> TensorDataset:
+                      dtype: torch.dtype | str = torch.float32) -> DataSplits:
     """Lillicrap et al.'s nonlinear task (Fig. 2d): a fixed random teacher 30-20-10-10,
     ``y* = W2·tanh(W1·tanh(W0·x + b0) + b1) + b2``, with ``x ~ N(0, I)``.
 
@@ -247,7 +251,7 @@ def nonlinear_teacher(n_train: int = 400_000, n_test: int = 5000,
 
 
 def _mnist(name: str):
-    def loader(dir: str | os.PathLike | None = None) -> TensorDataset:
+    def loader(dir: str | os.PathLike | None = None) -> DataSplits:
         return load_mnist_format(dir, name)
 
     loader.__doc__ = f"{name} from a directory of IDX files (``dir``; see :func:`load_mnist_format`)."
@@ -264,7 +268,7 @@ DATASETS: dict[str, Any] = {
 }
 
 
-def load(name: str, **options: Any) -> TensorDataset:
+def load(name: str, **options: Any) -> DataSplits:
     """Load the data set called ``name`` (one of :data:`DATASETS`) with its options, on the CPU.
 
     Raises ``ValueError`` naming the valid data sets or options, ``FileNotFoundError`` saying how to get
@@ -278,9 +282,9 @@ def load(name: str, **options: Any) -> TensorDataset:
     return DATASETS[name](**options)
 
 
-def prepare(data: TensorDataset, *, size: int | None = None, resize: Literal["bilinear", "pad"] = "bilinear",
+def prepare(data: DataSplits, *, size: int | None = None, resize: Literal["bilinear", "pad"] = "bilinear",
             validation: int = 0, train_size: int | None = None, normalize: bool = False,
-            seed: int = 0) -> TensorDataset:
+            seed: int = 0) -> DataSplits:
     """Make a data set ready for training, in this order:
 
     1. ``validation``: hold out that many training examples (drawn with ``seed``) as the validation split.

@@ -8,38 +8,17 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import torch
-from torch import nn
+import warnings
+from typing import Any
 
 import fbalign
 
-from .config import PLAIN_TORCH
-from .data import DATA_HINT, TensorDataset, load_mnist_format, prepare
-from .models import MLP
-from .train import evaluate, train
+from .data import load_mnist_format, prepare
+from .train import train
+
+__all__ = ["run", "add_parser", "main"]
 
 DEFAULT_RULES = ("backprop", "fa", "usf", "frsf", "brsf")
-
-
-def mlp(widths: list[int]) -> nn.Sequential:
-    """Flatten, then Linear-ReLU blocks with ``widths`` (first = input size, last = classes, no final ReLU)."""
-    return MLP((widths[0],), widths[-1], hidden=widths[1:-1])
-
-
-def test_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    """Percentage of ``x`` misclassified by ``model`` (argmax of the output)."""
-    metrics = evaluate(model, x, y, nn.functional.cross_entropy, classification=True, batch_size=batch_size)
-    return metrics["error"]
-
-
-def train_classifier(model: nn.Module, data: TensorDataset, *, epochs: int, lr: float, batch_size: int, seed: int,
-                     desc: str = "") -> float:
-    """Train ``model`` as it is (whatever rule its layers have) with SGD, momentum 0.9, on cross-entropy through
-    :func:`fbalign.train.train`; return the final test error in percent. ``desc`` labels the progress bar."""
-    result = train(model=model, data=data, rule=PLAIN_TORCH, epochs=epochs, batch_size=batch_size, seed=seed,
-                   optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}, log={"progress": bool(desc)})
-    return result.final["test_error"]
 
 
 def run(rules: list[str], *, data_dir: str | None, epochs: int, hidden: list[int], lr: float, batch_size: int,
@@ -90,4 +69,48 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["mlp", "test_error", "train_classifier", "run", "add_parser", "main", "DATA_HINT"]
+# --- deprecated: library helpers this module used to export (kept for one release) -------------------------------
+
+def _mlp(widths: list[int]) -> Any:
+    from .models import MLP
+
+    return MLP((widths[0],), widths[-1], hidden=widths[1:-1])
+
+
+def _test_error(model: Any, x: Any, y: Any, batch_size: int = 2000) -> float:
+    from torch.nn.functional import cross_entropy
+
+    from .train import evaluate
+
+    return evaluate(model, x, y, cross_entropy, classification=True, batch_size=batch_size)["error"]
+
+
+def _train_classifier(model: Any, data: Any, *, epochs: int, lr: float, batch_size: int, seed: int,
+                      desc: str = "") -> float:
+    from .config import PLAIN_TORCH
+
+    result = train(model=model, data=data, rule=PLAIN_TORCH, epochs=epochs, batch_size=batch_size, seed=seed,
+                   optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}, log={"progress": bool(desc)})
+    return result.final["test_error"]
+
+
+def _data_hint() -> Any:
+    from .data import DATA_HINT
+
+    return DATA_HINT
+
+
+_DEPRECATED = {
+    "mlp": (_mlp, "fbalign.models.MLP(input_shape, num_outputs, hidden=...)"),
+    "test_error": (_test_error, "fbalign.train.evaluate(model, x, y, loss_fn, classification=True)['error']"),
+    "train_classifier": (_train_classifier, "fbalign.train.train(model=model, data=data, rule='torch', ...)"),
+    "DATA_HINT": (_data_hint, "fbalign.data.DATA_HINT"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        helper, instead = _DEPRECATED[name]
+        warnings.warn(f"fbalign.demo.{name} is deprecated; use {instead}", DeprecationWarning, stacklevel=2)
+        return helper() if name == "DATA_HINT" else helper
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,8 +11,16 @@ The keys and their definitions are listed in :mod:`fbalign.metrics.alignment`.
 """
 
 from .alignment import angle, example_angles, measure_alignment, measure_step, nse
-from .plot import plot_alignment, sliding_mean_std
+from .alignment_plot import plot_alignment, sliding_mean_std
 from .recorder import AlignmentRecorder, load_records
 
 __all__ = ["measure_alignment", "measure_step", "AlignmentRecorder", "load_records", "plot_alignment",
            "sliding_mean_std", "angle", "example_angles", "nse"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "plot":  # the deprecated module name, imported (with its warning) only when asked for
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
