@@ -266,3 +266,39 @@ def test_backprop_without_nonlinearity_stays_plain_autograd():
     assert type(out.grad_fn).__name__ == "AddmmBackward0"
     bent = Linear(4, 3, rule="backprop", feedback_nonlinearity="tanh")
     assert "Feedback" in type(bent(torch.randn(2, 4, requires_grad=True)).grad_fn).__name__
+
+
+def test_a_new_rule_is_one_file_in_the_rules_package(tmp_path, monkeypatch):
+    """What docs/architecture.md promises: drop a module into fbalign/rules/ and convert, the config and the metrics
+    know the rule, with no other file edited."""
+    import sys
+
+    import torch
+    from torch import nn
+
+    (tmp_path / "negative_fa.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from typing import ClassVar\n"
+        "from fbalign.rules import MatrixRule, register\n\n"
+        "@register\n"
+        "@dataclass(frozen=True)\n"
+        "class NegativeFA(MatrixRule):\n"
+        "    name: ClassVar[str] = 'negative_fa'\n\n"
+        "    def feedback(self, layer):\n"
+        "        return -layer.weight.detach()\n")
+    monkeypatch.setattr(rules, "__path__", [*rules.__path__, str(tmp_path)])
+    monkeypatch.setattr(rules, "_RULES", dict(rules._RULES))
+    monkeypatch.delitem(sys.modules, "fbalign.rules.negative_fa", raising=False)
+    try:
+        rules._import_rule_modules()
+        assert "negative_fa" in rules.available()
+        model = fbalign.convert(nn.Sequential(nn.Linear(3, 2, dtype=torch.float64)), "negative_fa")
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        model(x).sum().backward()
+        torch.testing.assert_close(x.grad, -torch.ones(4, 2, dtype=torch.float64) @ model[0].weight.detach())
+        from fbalign.config import load_config
+        assert load_config({"rule": "negative_fa"}).rule.name == "negative_fa"
+        values = fbalign.metrics.measure_alignment(nn.Sequential(nn.Tanh(), model), lambda y, t: y.sum(), x, None)
+        assert abs(values["angle_b_wt/1.0"] - 180.0) < 1e-6
+    finally:
+        sys.modules.pop("fbalign.rules.negative_fa", None)

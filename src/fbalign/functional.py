@@ -77,8 +77,8 @@ def autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-# Old-style Functions (forward takes ctx): the setup_context style costs ~40 µs more per call, which is
-# several percent of a small network's step.
+# Old-style Functions (forward takes ctx): the setup_context style costs more per call, which shows on a
+# small network's step.
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,

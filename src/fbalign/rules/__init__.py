@@ -8,17 +8,23 @@ a linear layer; Lillicrap et al.'s ``B`` is ``V.T``). The weight's own gradient 
 Rules keep their per-layer state (fixed random matrices, masks, magnitudes) as buffers on the layer, so it is
 saved in ``state_dict``, moved by ``.to()`` and never seen by an optimizer.
 
-========  ===================================================================  ============================
-name      feedback matrix V (weight's shape)                                   changes
-========  ===================================================================  ============================
-backprop  W (plain autograd)                                                   follows W
-fa        fixed random B (uniform / gaussian / orthogonal / copy of W0)        never
-usf       sign(W) · rms(W)                                                     follows W
-frsf      M ∘ sign(W) · rms(W) / rms(M), M ~ U[0, 1] drawn once                follows W
-brsf      M ∘ sign(W) · rms(W) / rms(M), M redrawn every training step         every step
-pbp       (W⁺)ᵀ, the Moore–Penrose pseudo-inverse (linear layers)              follows W
-shallow   none: no error passes below the layer                                --
-========  ===================================================================  ============================
+========  =================================================================  =====================  =========
+name      feedback matrix V                                                  changes                module
+========  =================================================================  =====================  =========
+backprop  W (plain autograd)                                                 follows W              rules
+fa        fixed random B (uniform / gaussian / orthogonal / copy of W0)      never                  rules
+usf       sign(W) · rms(W)                                                   follows W              rules
+frsf      M ∘ sign(W) · rms(W) / rms(M), M ~ U[0, 1] drawn once              follows W              rules
+brsf      M ∘ sign(W) · rms(W) / rms(M), M redrawn every training step       every step             rules
+pbp       (W⁺)ᵀ, the Moore–Penrose pseudo-inverse (linear layers)            follows W              rules
+shallow   none: no error passes below the layer                              --                     rules
+dfa       B_l ``(n_err, in)``: output error e reaches the input as e·B_l     never                  dfa
+kp        random B given W's update and weight decay, so B → W               every optimizer step   plastic
+wm        random B that learns W from noise in mirror phases                 in ``mirror()``        plastic
+========  =================================================================  =====================  =========
+
+V has the weight's shape for every rule but dfa, whose matrices carry the network's output error straight to each
+layer (``FeedbackRule.local`` is False; see :mod:`fbalign.dfa`).
 
 The sign rules accept ``concordance=p``: each element of V agrees in sign with W with probability ``p``
 (Liao et al.'s S_p); the disagreeing set is drawn once.
@@ -29,13 +35,25 @@ arriving below is ``s · f((grad_out @ V) / s)`` elementwise. ``f`` is a callabl
 :data:`NONLINEARITIES` (so TOML configs can set it); ``s`` sets where a saturating ``f`` saturates, in the units of
 the gradient (which include the 1 / batch of a mean loss). With ``backprop`` this isolates the nonlinearity from
 weight asymmetry.
+
+Example::
+
+    >>> rule = fbalign.rules.get("frsf", concordance=0.75, seed=0)
+    >>> model = fbalign.convert(model, rule)              # or fbalign.convert(model, "frsf", concordance=0.75)
+    >>> model[0].rule.feedback(model[0]).shape == model[0].weight.shape
+    True
+
+A new rule is one registered dataclass (see :class:`FeedbackRule`) in one file, plus its tests; the layers,
+``convert``, the configuration and the metrics find it through :func:`available`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -44,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import check_options
+from .._util import check_options
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .nn import FeedbackLayer
+    from ..nn import FeedbackLayer
 
 __all__ = [
     "FeedbackRule",
@@ -391,118 +409,6 @@ class FA(RandomMatrixRule):
         return layer.feedback
 
 
-@dataclass(frozen=True)
-class _SignRule(MatrixRule):
-    """Sign-concordant feedback (Liao, Leibo & Poggio 2016): V = sign(W) [∘ M] · k.
-
-    ``scale=None`` (default) sets k so that ‖V‖ ≈ ‖W‖ (k = rms(W) / rms(M)), recomputed from W every
-    step; a number fixes k (``scale=1`` with ``usf`` is the paper's bare sign(W), which relies on Batch
-    Normalization or Batch Manhattan to tame its size). ``concordance=p`` flips the sign of each element with
-    probability 1 − p, drawn once from ``seed``. sign(0) = 0: a weight that is exactly zero sends nothing back.
-    """
-
-    scale: float | None = None
-    concordance: float = 1.0
-    seed: int | None = None
-
-    # Stored magnitudes are multiplied by _magnitude_unit to lie in [0, 1]; _magnitude_rms is sqrt(E[M²]).
-    _magnitudes: ClassVar[bool] = False
-    _magnitude_unit: ClassVar[float] = 1.0
-    _magnitude_rms: ClassVar[float] = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scale is not None:
-            _check_range(self.name, "scale", self.scale, 0.0, math.inf, low_open=True)
-        _check_range(self.name, "concordance", self.concordance, 0.0, 1.0)
-
-    def setup(self, layer: FeedbackLayer) -> None:
-        weight = layer.weight.detach()
-        gen = _generator(self.seed)
-        if self.concordance < 1.0:
-            agree = torch.rand(weight.shape, generator=gen, dtype=torch.float64) < self.concordance
-            flips = torch.where(agree, 1.0, -1.0).to(weight.dtype)
-            layer.add_rule_buffer("concordance_sign", flips.to(weight.device))
-        if self._magnitudes:
-            layer.add_rule_buffer("magnitude", self._initial_magnitude(weight, gen).to(weight.device))
-
-    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
-        raise NotImplementedError
-
-    def feedback_factors(self, layer: FeedbackLayer) -> tuple[Tensor, Tensor | float]:
-        weight = layer.weight.detach()
-        v = torch.sign(weight)
-        if self._magnitudes:
-            v.mul_(layer.magnitude)
-        if self.concordance < 1.0:
-            v.mul_(layer.concordance_sign)
-        if self.scale is not None:
-            return v, self.scale * self._magnitude_unit
-        flat = weight.reshape(-1)
-        factor = self._magnitude_unit / (self._magnitude_rms * math.sqrt(flat.numel()))
-        return v, torch.dot(flat, flat).sqrt_().mul_(factor)  # rms(W) · unit / rms(M), a 0-dim tensor: no sync
-
-
-@register
-@dataclass(frozen=True)
-class USF(_SignRule):
-    __doc__ = "Uniform sign-concordant feedback: V = sign(W) · k.\n\n" + (_SignRule.__doc__ or "")
-    name: ClassVar[str] = "usf"
-
-
-@register
-@dataclass(frozen=True)
-class FRSF(_SignRule):
-    __doc__ = (
-        "Fixed random-magnitude sign-concordant feedback: V = M ∘ sign(W) · k, M ~ U[0, 1] drawn once from "
-        "``seed`` (buffer ``magnitude``).\n\n" + (_SignRule.__doc__ or "")
-    )
-    name: ClassVar[str] = "frsf"
-    _magnitudes: ClassVar[bool] = True
-    _magnitude_rms: ClassVar[float] = 1.0 / math.sqrt(3.0)
-
-    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.rand(weight.shape, generator=generator, dtype=torch.float64).to(weight.dtype)
-
-
-@register
-@dataclass(frozen=True)
-class BRSF(_SignRule):
-    __doc__ = (
-        "Batchwise random-magnitude sign-concordant feedback: V = M ∘ sign(W) · k with M redrawn in place at every "
-        "training step (each training-mode forward whose error will pass below the layer).\n\n"
-        "M is uniform on the 128 midpoints {1, 3, ..., 255} / 256 of [0, 1] (never 0, so every sign survives), "
-        "stored as odd bytes (buffer ``magnitude``, uint8): random bits are what a CPU step pays for, and eight "
-        "magnitudes per 64-bit draw keep the redraw cheap; the magnitudes' resolution does not matter (Liao et "
-        "al.: magnitudes matter little). Draws come from the "
-        "default generator of the layer's device, like ``nn.Dropout``, so ``torch.manual_seed`` makes them "
-        "reproducible.\n\n" + (_SignRule.__doc__ or "")
-    )
-    name: ClassVar[str] = "brsf"
-    _magnitudes: ClassVar[bool] = True
-    _magnitude_unit: ClassVar[float] = 1.0 / 256.0
-    _magnitude_rms: ClassVar[float] = math.sqrt(1.0 / 3.0 - 1.0 / (12.0 * 128**2))  # mean square of the midpoints
-
-    def _initial_magnitude(self, weight: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.randint(0, 256, weight.shape, generator=generator, dtype=torch.uint8).bitwise_or_(1)
-
-    @staticmethod
-    def _redraw(magnitude: Tensor) -> None:
-        flat = magnitude.view(-1)
-        n = flat.numel()
-        whole = n // 8 * 8
-        words = (flat if whole == n else flat[:whole]).view(torch.int64)
-        words.random_()  # all 64 bits of each draw become 8 magnitudes...
-        words.bitwise_or_(0x0101010101010101)  # ...each made odd, 8 at a time
-        if whole < n:
-            flat[whole:].random_(0, 256).bitwise_or_(1)
-
-    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
-        if layer.training and torch.is_grad_enabled() and input.requires_grad:
-            self._redraw(layer.magnitude)
-        return super().forward(layer, input)
-
-
 @register
 @dataclass(frozen=True)
 class PBP(MatrixRule):
@@ -534,3 +440,13 @@ class Shallow(FeedbackRule):
     def feedback(self, layer: FeedbackLayer) -> None:
         return None
 
+
+def _import_rule_modules() -> None:
+    """Import every module of this package, so that the rules they register are available: a new rule is one new
+    file here (plus its tests), with nothing else to edit."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_rule_modules()
+from .sign import BRSF, FRSF, USF  # noqa: E402  (registered by the loop above; re-exported by their old path)
