@@ -49,6 +49,14 @@ class FeedbackLayer(nn.Module):
     A rule (see :class:`fbalign.rules.FeedbackRule`) calls these from its ``forward`` and keeps its state on the
     layer: tensors with :meth:`add_rule_buffer` (in ``state_dict``, moved by ``.to()``, removed with the rule),
     other objects in :attr:`rule_state`. The weight's own gradient is always exact.
+
+    Example::
+
+        >>> layer = fbalign.nn.Linear(4, 3, rule="fa", seed=0)
+        >>> {name: tuple(b.shape) for name, b in layer.rule_buffers().items()}
+        {'feedback': (3, 4)}
+        >>> layer.set_rule("usf").rule_buffers()            # the old rule's buffers go with it
+        {}
     """
 
     weight: Tensor

@@ -21,6 +21,11 @@ memory.
 *mirror phases*, :func:`mirror`: each layer's input is driven with noise ``x ~ N(0, σ²)``, its output is
 ``y = W x``, and ``V ← V + η (mean(y xᵀ) − λ V)``. As ``E[y xᵀ] = σ² W``, V converges to ``(σ²/λ) W`` (to W with
 the default λ = σ²), using only activity each layer's neurons can see.
+
+    >>> model = fbalign.convert(model, "kp", seed=0)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-3)  # λ: B → W by (1 − lr·λ)/step
+    >>> model = fbalign.convert(model, "wm", seed=0)
+    >>> fbalign.mirror(model, steps=200)                     # between training epochs
 """
 
 from __future__ import annotations
