@@ -32,7 +32,7 @@ def make_feedback_equal_weight(layer: fbalign.nn.FeedbackLayer, monkeypatch) -> 
     w = layer.weight
     with torch.no_grad():
         name = layer.rule.name
-        if name in ("fa", "kp", "wm"):
+        if "feedback" in layer.rule_buffers():  # a stored matrix of the weight's shape: fa, kp, wm
             layer.feedback.copy_(w)
         elif name in ("usf", "frsf", "brsf"):
             w.copy_(torch.sign(torch.randn_like(w)) * 0.2)  # V = sign(W)·rms(W) = W when |W| is constant
