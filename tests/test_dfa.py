@@ -298,3 +298,11 @@ def test_dfa_mlp_learns_fashion_mnist(fashion_mnist_dir):
     errors = {rule: test_error(fbalign.convert(base, rule, seed=0)) for rule in ("dfa", "shallow")}
     # One epoch on 6,000 images; measured: dfa 39.4%, shallow (only the output layer learns) 53.9%, backprop 36.6%.
     assert errors["dfa"] < 45 and errors["dfa"] < errors["shallow"] - 8, errors
+
+
+def test_wiring_of_names_the_wiring_a_layer_belongs_to():
+    model = fbalign.convert(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "dfa", seed=0)
+    wiring = fbalign.dfa.wiring_of(model[0])
+    assert isinstance(wiring, fbalign.dfa.DirectFeedback) and wiring is fbalign.dfa.wiring_of(model[2])
+    assert wiring.source is model[2]
+    assert fbalign.dfa.wiring_of(fbalign.nn.Linear(3, 4, rule="dfa")) is None

@@ -54,7 +54,7 @@ from . import nn as fbnn
 from .functional import Nonlinearity
 from .rules import RandomMatrixRule, _check_range, register
 
-__all__ = ["DFA", "DirectFeedback", "wire"]
+__all__ = ["DFA", "DirectFeedback", "wire", "wiring_of"]
 
 _BUFFER = "direct_feedback"
 
@@ -116,8 +116,19 @@ class DFA(RandomMatrixRule):
 _WIRING = "dfa_wiring"  # key in layer.rule_state
 
 
+def wiring_of(layer: fbnn.FeedbackLayer) -> DirectFeedback | None:
+    """The :class:`DirectFeedback` wiring ``layer`` belongs to (set by :func:`wire`), or None when it is not wired.
+
+    For layers that run dfa in their own way (a recurrent cell sending each step its own error)::
+
+        >>> wiring = fbalign.dfa.wiring_of(layer)
+        >>> layer.forward_send_down(h, wiring.send_down(layer, layer.rule._nonlinearity))
+    """
+    return layer.rule_state.get(_WIRING)
+
+
 def _wiring(layer: fbnn.FeedbackLayer) -> DirectFeedback:
-    wiring = layer.rule_state.get(_WIRING)
+    wiring = wiring_of(layer)
     if wiring is None:
         raise RuntimeError("this dfa layer is not wired to an output error: DFA needs the whole model. Convert the "
                            "model that contains it, fbalign.convert(model, 'dfa', inplace=True), or call "
