@@ -369,3 +369,18 @@ def test_metrics_import_no_concrete_rule():
     imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(alignment)))
                 if isinstance(node, ast.ImportFrom)}
     assert not imported & {"dfa", "plastic", "rules"}, imported
+
+
+def test_hook_dict_names_are_read_from_torch_and_hold_the_hooks():
+    """fbalign.nn._HOOK_DICTS (used to give a copied module hooks of its own) is derived from nn.Module; this fails
+    loudly if torch stops keeping forward hooks in the dicts it names."""
+    names = fbalign.nn._HOOK_DICTS
+    assert {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks"} <= set(names)
+    module = nn.Linear(2, 2)
+    module.register_forward_hook(lambda *a: None, always_call=True)
+    module.register_forward_pre_hook(lambda *a: None, with_kwargs=True)
+    module.register_full_backward_hook(lambda *a: None)
+    assert all(any(getattr(module, n)) for n in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+    held = {n for n in names if getattr(module, n)}
+    assert held >= {"_forward_hooks", "_forward_hooks_always_called", "_forward_pre_hooks",
+                    "_forward_pre_hooks_with_kwargs", "_backward_hooks"}, held

@@ -33,6 +33,11 @@ __all__ = ["FeedbackLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "feedback_la
 
 _Layer = TypeVar("_Layer", bound="FeedbackLayer")
 
+# The names of a module's forward/backward hook dicts, read off a fresh nn.Module rather than copied from torch's
+# source, so a torch that adds one is followed (tests/test_nn.py fails loudly if the ones relied on disappear).
+_HOOK_DICTS = tuple(name for name, value in vars(nn.Module()).items()
+                    if name.startswith(("_forward", "_backward")) and isinstance(value, dict))
+
 
 class FeedbackLayer(nn.Module):
     """Base of every fbalign layer: holds the rule and its per-layer state, and lets the rule run ``forward``.
@@ -197,9 +202,9 @@ class FeedbackLayer(nn.Module):
         new.weight = old.weight
         new.bias = old.bias
         new.train(old.training)
-        for key, value in vars(old).items():
-            if key.startswith(("_forward", "_backward")) and isinstance(value, dict):
-                vars(new)[key] = value.copy()
+        for key in _HOOK_DICTS:
+            if key in vars(old):
+                vars(new)[key] = vars(old)[key].copy()
         return new.set_rule(rule, **options)
 
 
