@@ -306,3 +306,4 @@ def test_wiring_of_names_the_wiring_a_layer_belongs_to():
     assert isinstance(wiring, fbalign.dfa.DirectFeedback) and wiring is fbalign.dfa.wiring_of(model[2])
     assert wiring.source is model[2]
     assert fbalign.dfa.wiring_of(fbalign.nn.Linear(3, 4, rule="dfa")) is None
+    assert fbalign.dfa.wiring_of(model) is None and fbalign.dfa.wiring_of(nn.Linear(3, 4)) is None

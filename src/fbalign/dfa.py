@@ -116,15 +116,16 @@ class DFA(RandomMatrixRule):
 _WIRING = "dfa_wiring"  # key in layer.rule_state
 
 
-def wiring_of(layer: fbnn.FeedbackLayer) -> DirectFeedback | None:
-    """The :class:`DirectFeedback` wiring ``layer`` belongs to (set by :func:`wire`), or None when it is not wired.
+def wiring_of(layer: nn.Module) -> DirectFeedback | None:
+    """The :class:`DirectFeedback` wiring ``layer`` belongs to (set by :func:`wire`), or None when it is not wired
+    (or is no fbalign layer).
 
     For layers that run dfa in their own way (a recurrent cell sending each step its own error)::
 
         >>> wiring = fbalign.dfa.wiring_of(layer)
         >>> layer.forward_send_down(h, wiring.send_down(layer, layer.rule._nonlinearity))
     """
-    return layer.rule_state.get(_WIRING)
+    return getattr(layer, "rule_state", {}).get(_WIRING)
 
 
 def _wiring(layer: fbnn.FeedbackLayer) -> DirectFeedback:
