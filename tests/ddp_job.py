@@ -12,7 +12,8 @@ from fbalign.train import train
 
 RULES = ["fa", "brsf", "dfa", "kp"]
 CONFIG = {"epochs": 1, "batch_size": 32, "threads": 1, "model": {"name": "mlp", "hidden": [24, 16]},
-          "data": {"name": "digits", "train_size": 640}, "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3},
+          "data": {"name": "digits", "train_size": 640},
+          "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3},
           "log": {"progress": False}}
 
 
