@@ -155,12 +155,16 @@ def test_custom_weights_and_rnns_are_reported_by_name():
         def forward(self, x):
             return super().forward(x) * 2
 
-    model = nn.Sequential(nn.Linear(3, 3), Custom(), nn.LSTM(3, 3), nn.LayerNorm(3), LoRALinear(3, 3))
+    class MyLSTM(nn.LSTM):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    model = nn.Sequential(nn.Linear(3, 3), Custom(), MyLSTM(3, 3), nn.LayerNorm(3), LoRALinear(3, 3), nn.GRU(3, 3))
     with pytest.warns(UnconvertedModuleWarning) as caught:
         fbalign.convert(model, "fa")
     message = str(caught[0].message)
     assert "3 module(s)" in message
-    assert "1: Custom" in message and "2: LSTM" in message and "4: LoRALinear" in message
+    assert "1: Custom" in message and "2: MyLSTM" in message and "4: LoRALinear" in message
     assert "LayerNorm" not in message
 
 
