@@ -24,6 +24,10 @@ _CONVERTIBLE: dict[type[nn.Module], type[fbnn.FeedbackLayer]] = {
     nn.Conv1d: fbnn.Conv1d,
     nn.Conv2d: fbnn.Conv2d,
     nn.Conv3d: fbnn.Conv3d,
+    nn.ConvTranspose1d: fbnn.ConvTranspose1d,
+    nn.ConvTranspose2d: fbnn.ConvTranspose2d,
+    nn.ConvTranspose3d: fbnn.ConvTranspose3d,
+    nn.Bilinear: fbnn.Bilinear,
 }
 
 # Modules whose weights torch applies inside its own functional code or fused kernels: fbalign cannot
