@@ -115,9 +115,11 @@ def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
     previous = [layer._exact_override for layer in layers]
     for layer in layers:
         layer._exact_override = True
+    model.__dict__["_exact_depth"] = model.__dict__.get("_exact_depth", 0) + 1  # model-level wirings read it
     try:
         yield model
     finally:
+        model.__dict__["_exact_depth"] -= 1
         for layer, before in zip(layers, previous):
             layer._exact_override = before
 
