@@ -6,7 +6,7 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Mapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import nn
@@ -109,8 +109,8 @@ def _layer_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1)[0])
 
 
-Pattern = Union[str, type, tuple]
-RuleSpec = Union[str, FeedbackRule, tuple]
+Pattern = str | type | tuple
+RuleSpec = str | FeedbackRule | tuple
 
 
 class _Plan:

@@ -31,6 +31,7 @@ independent: it sends the error to every layer's input.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from typing import Any
 
@@ -246,7 +247,7 @@ def dfa_points(model: nn.Module, points: list[str] | str, *, output: str | None 
     if output is not None and output not in names:
         raise ValueError(f"dfa_points: output={output!r} is not a module of the model")
     if not inplace:
-        model = __import__("copy").deepcopy(model)
+        model = copy.deepcopy(model)
         names = dict(model.named_modules())
         chosen = {n: names[n] for n in chosen}
     DFAPoints.remove(model)
