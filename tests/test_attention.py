@@ -224,3 +224,18 @@ def test_layer_level_dfa_sends_each_tokens_error_to_the_projections_inputs_by_ha
     e = weights  # the gradient at the head's output, per token
     torch.testing.assert_close(captured["attended"].grad, e @ attention.out_proj.direct_feedback)
     torch.testing.assert_close(x.grad, e @ attention.in_proj.direct_feedback)  # x enters only through in_proj
+
+
+def test_unbatched_inputs_match_torch():
+    torch.manual_seed(0)
+    original = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    converted = fbalign.convert(nn.Sequential(original), "fa", init="weight")[0]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    padding = torch.tensor([0, 0, 0, 1, 1]).bool()
+    for keywords in ({}, {"attn_mask": mask, "need_weights": False}, {"key_padding_mask": padding}):
+        a, wa = original(x, x, x, **keywords)
+        b, wb = converted(x, x, x, **keywords)
+        torch.testing.assert_close(b, a)
+        if wa is not None:
+            torch.testing.assert_close(wb, wa)
