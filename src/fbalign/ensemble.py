@@ -239,7 +239,8 @@ class Ensemble(nn.Module):
         member = dict(self._templates[0].named_modules())
         stacked = dict(self.stack.named_modules())
         for name, layer in member.items():
-            wiring = getattr(layer, "_dfa_wiring", None)
+            wiring = (fbdfa.wiring_of(layer) if hasattr(fbdfa, "wiring_of") and isinstance(layer, fbnn.FeedbackLayer)
+                      else getattr(layer, "_dfa_wiring", None))
             if wiring is not None and layer is wiring.source:
                 stacked[name].is_dfa_source = True
 

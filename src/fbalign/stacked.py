@@ -18,6 +18,7 @@ are done here per member (brsf from each member's own generator, dfa through :fu
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ from . import nn as fbnn
 from .rules import BRSF, Backprop, FeedbackRule
 
 __all__ = ["StackedLayer", "stacked_linear"]
+
+# functional.conv takes a send-down callable as ``feedback`` (older) or as ``send_down=`` (newer).
+_SEND_DOWN_KEYWORD = "send_down" in inspect.signature(functional.conv).parameters
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -194,16 +198,28 @@ class StackedLayer(nn.Module):
 
     @torch.no_grad()
     def _redraw(self) -> None:
-        """brsf's per-step redraw, member ``e`` from its own generator (the draws it makes when trained alone)."""
+        """brsf's per-step redraw, member ``e`` from its own generator (the draws it makes when trained alone).
+
+        The rule draws from the default generator of the layer's device; each member's generator state is swapped
+        in for its draw (and torch's own state restored after), so the rule's redraw code is the one used."""
         magnitude = self.magnitude
-        for member, generator in enumerate(self.generators or [None] * self.members):
-            target = magnitude[member]
-            if (target.storage_offset() * target.element_size()) % 8:  # an int64 view needs aligned storage
-                scratch = torch.empty_like(target)
-                BRSF._redraw(scratch, generator=generator)
-                target.copy_(scratch)
-            else:
-                BRSF._redraw(target, generator=generator)
+        device = magnitude.device
+        default = (torch.cuda.default_generators[device.index or 0] if device.type == "cuda"
+                   else torch.default_generator)
+        own = default.get_state()
+        try:
+            for member, generator in enumerate(self.generators or []):
+                default.set_state(generator.get_state())
+                target = magnitude[member]
+                if (target.storage_offset() * target.element_size()) % 8:  # the rule views it as int64 words
+                    scratch = torch.empty_like(target)
+                    BRSF._redraw(scratch)
+                    target.copy_(scratch)
+                else:
+                    BRSF._redraw(target)
+                generator.set_state(default.get_state())
+        finally:
+            default.set_state(own)
 
     # --- forward --------------------------------------------------------------------------------------------------
 
@@ -237,8 +253,11 @@ class StackedLayer(nn.Module):
                 feedback = feedback.reshape(weight.shape)
             elif feedback is not None:
                 feedback = _MergedSendDown(feedback, members)
+            options: dict[str, Any] = {"feedback_nonlinearity": nonlinearity}
+            if callable(feedback) and _SEND_DOWN_KEYWORD:
+                options["send_down"], feedback = feedback, None
             out = functional.conv(merged, weight, bias, feedback, conv.stride, padding, conv.dilation, groups,
-                                  feedback_nonlinearity=nonlinearity)
+                                  **options)
         return out.view(batch, members, -1, *out.shape[2:]).transpose(0, 1)
 
 
