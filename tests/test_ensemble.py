@@ -53,7 +53,7 @@ RULES = [
     ("usf", {"concordance": 0.7}, LR),
     ("frsf", {}, LR),
     ("brsf", {}, LR),
-    ("brsf", {"scale": 1.0, "concordance": 0.8}, LR),
+    ("brsf", {"scale": 1.0, "concordance": 0.8}, LR / 3),  # scale 1: large errors, so a gentler lr
     ("shallow", {}, LR),
     ("dfa", {}, LR),
     ("kp", {}, LR),
@@ -201,7 +201,7 @@ def test_diverged_member_is_stopped_and_others_train_on() -> None:
     after = ens.members()
     for name, value in after[1].state_dict().items():
         assert torch.equal(value, frozen[name]), name
-    assert not torch.equal(after[0].state_dict()["0.weight"], before[0]["0.weight"])  # the others train on
+    assert not torch.equal(after[0].state_dict()["4.bias"], before[0]["4.bias"])  # the others train on
 
 
 def test_members_are_copies() -> None:
@@ -260,8 +260,11 @@ def test_registered_container_and_batchnorm() -> None:
         torch.manual_seed(seed)
         return nn.Sequential(Block(), nn.ReLU(), nn.Linear(6, 3)).double()
     models = [fbalign.convert(build(m), "fa", seed=m) for m in range(2)]
-    batches = [data(m, (6,)) for m in range(2)]
-    ens = train_ensemble(models, [1, 2], [LR, LR], [b[0] for b in batches], [b[1] for b in batches], "sgd")
+    # batches of 8: BatchNorm over 2 examples makes the dynamics chaotic (rounding grows past 1e-12)
+    generator = torch.Generator().manual_seed(5)
+    xs = [torch.randn(STEPS, 8, 6, generator=generator, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randn(STEPS, 8, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+    ens = train_ensemble(models, [1, 2], [LR, LR], xs, ys, "sgd")
     for m, member in enumerate(ens.members()):
-        alone = train_alone(copy.deepcopy(models[m]), m + 1, LR, *batches[m], "sgd")
-        assert_same(alone, member)
+        alone = train_alone(copy.deepcopy(models[m]), m + 1, LR, xs[m], ys[m], "sgd")
+        assert_same(alone, member)  # BatchNorm's running statistics included
