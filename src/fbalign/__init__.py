@@ -8,6 +8,7 @@
 from . import attention, dfa, functional, metrics, nn, optim, perturbation, plastic, recurrent, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
 from .dfa_points import dfa_points
+from .ensemble import Ensemble, MemberDivergedWarning
 from .nn import exact_backprop, feedback_layers
 from .perturbation import NodePerturbation
 from .plastic import mirror
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
            "functional", "metrics", "optim", "dfa", "plastic", "mirror", "perturbation", "NodePerturbation",
            "exact_backprop", "feedback_layers", "__version__",
-           "attention", "recurrent", "dfa_points"]
+           "attention", "recurrent", "dfa_points", "Ensemble", "MemberDivergedWarning"]
