@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -59,12 +59,12 @@ from tqdm.auto import tqdm
 from fbalign import __version__
 from fbalign.checkpoint import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Context", "Experiment", "Report", "ReproductionError", "reproduce", "select", "load_results",
+__all__ = ["Claim", "Context", "Experiment", "Report", "ReproductionError", "reproduce", "select", "load_results",
            "render_report", "fmt", "welch_p", "torch_threads", "RESULTS", "REPORT", "SCALES"]
 
 RESULTS = "results.json"
 REPORT = "report.md"
-SCALES = ("quick", "full")
+SCALES = ("quick", "full", "tiny")  # tiny: the tests' sizes (each scale table has a row)
 _T = TypeVar("_T")
 
 
@@ -198,6 +198,18 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+class Claim(NamedTuple):
+    """One of a paper's claims checked against our numbers: what is compared, our value, the paper's, the criterion
+    the verdict applies (a threshold, a test and its p-value), and the verdict: True, False, or None (no verdict:
+    a number read off a figure, other data, or too few runs to tell)."""
+
+    quantity: str
+    ours: Any
+    paper: Any
+    criterion: str
+    verdict: bool | None
+
+
 class Report:
     """A markdown document built a block at a time (headings, paragraphs, figures, tables)."""
 
@@ -229,6 +241,12 @@ class Report:
         marks = {True: "✓", False: "✗", None: ""}
         self.table(["quantity", "here", "paper", "", "note"],
                    [(q, ours, paper, marks[agrees], note) for q, ours, paper, agrees, note in rows])
+
+    def claims(self, rows: Iterable[Claim]) -> None:
+        """The paper's claims beside ours (see :class:`Claim`): ✓ / ✗ / blank for the verdict."""
+        marks = {True: "✓", False: "✗", None: ""}
+        self.table(["quantity", "here", "paper", "", "criterion"],
+                   [(c.quantity, c.ours, c.paper, marks[c.verdict], c.criterion) for c in rows])
 
     def markdown(self) -> str:
         return "\n\n".join(self.blocks) + "\n"

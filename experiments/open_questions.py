@@ -32,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import multiprocessing
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +48,7 @@ import fbalign
 from fbalign.data import TensorDataset, linear_teacher, load, load_digits, nonlinear_teacher, prepare
 from fbalign.metrics import load_records, measure_alignment
 from fbalign.models import build as build_model
+from fbalign.runner import Stop, run
 from fbalign.train import DivergedError, train
 
 from .common import Context, Experiment, Report, fmt, welch_p
@@ -97,41 +96,59 @@ LILLICRAP_RMS = FEEDBACK_RANGE / math.sqrt(3.0)  # element rms of Lillicrap's B 
 
 # ----------------------------------------------------------------------------------------- per-experiment sizes
 
+# Every row has the seeds, the data and the training budget; "tiny" is the tests' (seconds, in this process).
+_TINY_IMAGE = {"image_train": 600, "image_validation": 150, "epochs": 1, "tune_epochs": 1, "data": "digits",
+               "lr_grid": (0.03, 0.1), "eta_grid": (1e-3, 1e-2, 1e-1), "workers": 1}
+_GRIDS = {"lr_grid": IMAGE_LR_GRID, "eta_grid": TEACHER_ETA_GRID, "workers": None}
 FIXED_B_SCALE: dict[str, dict[str, Any]] = {
     "quick": {"seeds": 3, "linear_examples": 4000, "linear_prefix": 800,
               "nonlinear_examples": 20_000, "nonlinear_prefix": 4000, "teacher_batch": 10,
               "image_train": 10_000, "image_validation": 5000, "image_hidden": [256, 256], "epochs": 4,
-              "tune_epochs": 1, "scales": [0.1, 0.3, 1.0, 3.0, 10.0], "data": None},
+              "tune_epochs": 1, "scales": [0.1, 0.3, 1.0, 3.0, 10.0], "data": None, **_GRIDS},
     "full": {"seeds": 10, "linear_examples": 40_000, "linear_prefix": 4000,
              "nonlinear_examples": 400_000, "nonlinear_prefix": 40_000, "teacher_batch": 10,
              "image_train": None, "image_validation": 5000, "image_hidden": [256, 256], "epochs": 20,
-             "tune_epochs": 3, "scales": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], "data": None},
+             "tune_epochs": 3, "scales": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0], "data": None, **_GRIDS},
+    "tiny": {"seeds": 2, "linear_examples": 200, "linear_prefix": 50, "nonlinear_examples": 200,
+             "nonlinear_prefix": 50, "teacher_batch": 10, "image_hidden": [16, 16], "scales": [0.1, 1.0],
+             **_TINY_IMAGE},
 }
 NONLINEAR_SCALE: dict[str, dict[str, Any]] = {
     "quick": {"seeds": 3, "examples": 20_000, "prefix": 4000, "teacher_batch": 10, "image_train": 10_000,
               "image_validation": 5000, "image_hidden": [256, 256], "epochs": 4, "tune_epochs": 1,
-              "timing_rounds": 15, "timing_steps": 5, "data": None},
+              "timing_rounds": 15, "timing_steps": 5, "data": None, **_GRIDS},
     "full": {"seeds": 10, "examples": 400_000, "prefix": 40_000, "teacher_batch": 10, "image_train": None,
              "image_validation": 5000, "image_hidden": [256, 256], "epochs": 20, "tune_epochs": 3,
-             "timing_rounds": 40, "timing_steps": 10, "data": None},
+             "timing_rounds": 40, "timing_steps": 10, "data": None, **_GRIDS},
+    "tiny": {"seeds": 2, "examples": 200, "prefix": 50, "teacher_batch": 10, "image_hidden": [16, 16],
+             "timing_rounds": 3, "timing_steps": 2, **_TINY_IMAGE},
 }
+# plastic: lr_grid is plain SGD's (PLASTIC_MOMENTUM), controls_lr_grid the momentum controls'.
 PLASTIC_SCALE: dict[str, dict[str, Any]] = {
     "quick": {"seeds": 3, "image_train": 10_000, "image_validation": 5000, "hidden": [500], "epochs": 8,
-              "tune_epochs": 1, "align_every": 10, "data": None},
+              "tune_epochs": 1, "align_every": 10, "data": None, **_GRIDS, "lr_grid": PLASTIC_LR_GRID,
+              "controls_lr_grid": IMAGE_LR_GRID},
     "full": {"seeds": 5, "image_train": None, "image_validation": 5000, "hidden": [500], "epochs": 50,
-             "tune_epochs": 3, "align_every": 50, "data": None},
+             "tune_epochs": 3, "align_every": 50, "data": None, **_GRIDS, "lr_grid": PLASTIC_LR_GRID,
+             "controls_lr_grid": IMAGE_LR_GRID},
+    "tiny": {"seeds": 2, "hidden": [32], "align_every": 2, **_TINY_IMAGE, "epochs": 6, "lr_grid": (0.1, 0.3),
+             "controls_lr_grid": (0.03, 0.1)},
 }
 DEPTH_SCALE: dict[str, dict[str, Any]] = {
     "quick": {"seeds": 3, "image_train": 10_000, "image_validation": 5000, "width": 256, "depths": [2, 4, 8],
-              "epochs": 5, "tune_epochs": 1, "align_every": 50, "rules": ["bp", "fa", "dfa", "kp"], "data": None},
+              "epochs": 5, "tune_epochs": 1, "align_every": 50, "rules": ["bp", "fa", "dfa", "kp"], "data": None,
+              **_GRIDS},
     "full": {"seeds": 5, "image_train": None, "image_validation": 5000, "width": 256, "depths": [2, 3, 4, 6, 8],
-             "epochs": 20, "tune_epochs": 3, "align_every": 100, "rules": ["bp", "fa", "dfa", "kp"], "data": None},
+             "epochs": 20, "tune_epochs": 3, "align_every": 100, "rules": ["bp", "fa", "dfa", "kp"], "data": None,
+             **_GRIDS},
+    "tiny": {"seeds": 2, "width": 16, "depths": [1, 3], "align_every": 2, "rules": ["bp", "fa", "dfa", "kp"],
+             **_TINY_IMAGE, "epochs": 2},
 }
 
 KP_DECAY = 1.0  # kp's λ: the mismatch B − W shrinks by (1 − lr·λ) per step (W itself is not decayed)
 MIRROR_LR = 0.01  # wm: one mirror step after every training step (as Akrout et al.'s code), mismatch ×(1 − 0.01)
 MIRROR_BATCH = 128
-JOBS: int | None = None  # processes that train conditions side by side on the CPU; None: one per core
+JOBS: int | None = None  # processes training conditions side by side, overriding a row's "workers" (None: per core)
 
 RULE_LABELS = {"bp": "backprop", "fa": "feedback alignment", "dfa": "direct FA", "kp": "Kolen–Pollack",
                "wm": "weight mirrors"}
@@ -234,48 +251,44 @@ def fixed_feedback_model(input_shape: Sequence[int], num_outputs: int, *, model:
     return fixed_feedback(built, kind, seed=seed, multiplier=multiplier)
 
 
-_PENDING: list[Callable[[], dict[str, Any]]] = []  # the conditions a forked worker picks from, by index
+def run_conditions(ctx: Context, size: dict[str, Any], conditions: dict[str, dict[str, Any]], *,
+                   on_device: bool = False, workers: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run every condition (a job for :func:`run_condition`: ``make``, a picklable ``make(data=, seed=)``
+    returning the converted network, and ``task`` with its settings) and return the results by name, in order.
 
-
-def _run_pending(index: int) -> tuple[int, dict[str, Any]]:
-    torch.set_num_threads(1)
-    return index, _PENDING[index]()
-
-
-def run_conditions(ctx: Context, conditions: dict[str, Callable[[], dict[str, Any]]], desc: str, *,
-                   trains_on_device: bool = False) -> dict[str, dict[str, Any]]:
-    """Run every condition (a function returning its results) and return the results by name, in order.
-
-    On the CPU the conditions run side by side in ``JOBS`` forked processes (one per core by default), each on one
-    thread: the workers inherit the conditions and their data, and every condition seeds all it draws, so the
-    numbers are those of a serial run. Conditions that train on a GPU (``trains_on_device``) run one at a time.
+    The conditions run side by side in ``workers`` processes by :func:`fbalign.runner.run` (None: ``JOBS``, else
+    the size row's ``workers``, else one per core; conditions that train on a GPU (``on_device``) one at a time),
+    each on one thread. Every condition seeds all it draws, so the numbers are those of a serial run. Ctrl-C or
+    SIGTERM stops them all, keeping every finished training run for ``--resume``.
     """
-    global _PENDING
-    names = list(conditions)
-    jobs = JOBS if JOBS is not None else len(os.sched_getaffinity(0))
-    if trains_on_device and ctx.device.type != "cpu":
-        jobs = 1
-    jobs = max(1, min(jobs, len(names)))
-    found: dict[str, dict[str, Any]] = {}
-    with ctx.bar(total=len(names), desc=desc, unit="condition") as bar:
-        if jobs == 1:
-            for name in names:
-                found[name] = conditions[name]()
-                bar.update()
-        else:
-            _PENDING = [conditions[name] for name in names]
-            try:
-                with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                    for index, result in pool.imap_unordered(_run_pending, range(len(names))):
-                        found[names[index]] = result
-                        bar.update()
-            finally:
-                _PENDING = []
-    return {name: found[name] for name in names}
+    workers = workers or JOBS or size.get("workers") or (1 if on_device and ctx.device.type != "cpu" else None)
+    jobs = [{"ctx": ctx, "size": size, **job} for job in conditions.values()]
+    found = run(run_condition, jobs, workers=workers, executor="inline" if workers == 1 else "process")
+    if any(f is None for f in found):  # a training run was stopped without the runner seeing a signal
+        raise KeyboardInterrupt("training was stopped; continue with --resume")
+    return dict(zip(conditions, found))
+
+
+def run_condition(job: dict[str, Any], stop: Stop) -> dict[str, Any] | None:
+    """One condition of :func:`run_conditions`: on a teacher task (``task`` 'linear' or 'nonlinear') by
+    :func:`teacher_condition`, on the image task by :func:`image_condition` in ``folder`` (None: stopped)."""
+    torch.set_num_threads(1)
+    ctx, size, task = job["ctx"], job["size"], job["task"]
+    if task == "image":
+        data = image_data(ctx, size)
+        return image_condition(ctx, ctx.folder(*job["folder"]), lambda seed: job["make"](data=data, seed=seed), data,
+                               epochs=size["epochs"], tune_epochs=size["tune_epochs"], seeds=size["seeds"],
+                               align_every=job.get("align_every", 0), grid=job.get("grid", size["lr_grid"]),
+                               momentum=job.get("momentum", IMAGE_MOMENTUM), stop=stop)
+    data = teacher_task(task, job["examples"])
+    return teacher_condition(lambda seed: job["make"](data=data, seed=seed), data, examples=job["examples"],
+                             prefix=job["prefix"], batch_size=size["teacher_batch"], seeds=size["seeds"],
+                             grid=size["eta_grid"])
 
 
 # ------------------------------------------------------------------------------------------------ teacher tasks
 
+@functools.lru_cache(maxsize=4)
 def teacher_task(kind: str, examples: int) -> TensorDataset:
     """Lillicrap's linear (30-20-10) or nonlinear (30-20-10-10) teacher in float64: a stream of ``examples``,
     then ``VALIDATION`` points for tuning, and ``TEST`` held-out points (the same for every condition)."""
@@ -293,14 +306,14 @@ def teacher_student(kind: str, seed: int) -> nn.Module:
 
 
 def teacher_condition(make: Callable[[int], nn.Module], data: TensorDataset, *, examples: int, prefix: int,
-                      batch_size: int, seeds: int) -> dict[str, Any]:
-    """Tune η for ``make(0)`` (:func:`tune_eta` on the stream's first ``prefix`` examples), then train
+                      batch_size: int, seeds: int, grid: Sequence[float] = TEACHER_ETA_GRID) -> dict[str, Any]:
+    """Tune η for ``make(0)`` on ``grid`` (:func:`tune_eta` on the stream's first ``prefix`` examples), then train
     ``make(seed)`` for every seed on the whole stream at that η; the test NSE along the way.
 
     Returns ``eta``, ``tuning``, ``final`` (test NSE per seed, NaN where a run diverged), ``speed`` (mean log10
     test NSE over the run, per seed: lower learns faster) and ``curve`` (examples, mean and sd of log10 NSE).
     """
-    tuning = tune_eta(lambda: make(0), "rule", data, examples=prefix, batch_size=batch_size, grid=TEACHER_ETA_GRID)
+    tuning = tune_eta(lambda: make(0), "rule", data, examples=prefix, batch_size=batch_size, grid=grid)
     finals, speeds, logs, points = [], [], [], None
     for seed in range(seeds):
         try:
@@ -364,13 +377,15 @@ def mirror_after_every_step(model: nn.Module, *, lr: float = MIRROR_LR) -> Itera
 
 
 def train_image(ctx: Context, model: nn.Module, data: TensorDataset, run_dir: Path, *, lr: float, epochs: int,
-                seed: int, align_every: int = 0, momentum: float = IMAGE_MOMENTUM) -> dict[str, Any]:
+                seed: int, align_every: int = 0, momentum: float = IMAGE_MOMENTUM, stop: Stop | None = None
+                ) -> dict[str, Any] | None:
     """Train an already converted ``model`` on ``data`` with :func:`fbalign.train.train` (SGD with ``momentum``,
     batch 128, cross-entropy) in ``run_dir`` (continued there with ``--resume``); with ``align_every``, also
     record fbalign.metrics' alignment every that many steps, plus a record at step 0.
 
     Returns the per-epoch ``history`` and the alignment ``records`` (empty without ``align_every``); ``diverged``
-    is True (and the history what was finished) when the loss became NaN/Inf.
+    is True (and the history what was finished) when the loss became NaN/Inf. None when ``stop`` stopped it (its
+    checkpoint stays in ``run_dir`` for --resume).
     """
     config = {"epochs": epochs, "batch_size": IMAGE_BATCH, "seed": seed, "device": str(ctx.device),
               "loss": "cross_entropy", "rule": "torch",  # the model comes converted
@@ -382,39 +397,45 @@ def train_image(ctx: Context, model: nn.Module, data: TensorDataset, run_dir: Pa
     wm = any(isinstance(layer.rule, fbalign.plastic.WM) for _, layer in fbalign.feedback_layers(model))
     try:
         with mirror_after_every_step(model) if wm else contextlib.nullcontext():
-            result = train(config, model=model, data=data, run_dir=run_dir, resume=ctx.resume)
+            result = train(config, model=model, data=data, run_dir=run_dir, resume=ctx.resume, stop=stop)
     except DivergedError:
         return {"history": [], "records": [], "diverged": True}
     if result.status != "finished":
-        raise KeyboardInterrupt(f"training in {run_dir} was interrupted; continue with --resume")
+        return None
     records = load_records(run_dir / "alignment.jsonl") if align_every else []
     return {"history": result.history, "records": ([initial] if initial else []) + records, "diverged": False}
 
 
 def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module], data: TensorDataset, *,
                     epochs: int, tune_epochs: int, seeds: int, align_every: int = 0,
-                    grid: Sequence[float] | None = None, momentum: float | None = None) -> dict[str, Any]:
+                    grid: Sequence[float] | None = None, momentum: float | None = None, stop: Stop | None = None
+                    ) -> dict[str, Any] | None:
     """Tune the learning rate of ``make(0)`` on ``grid`` (None: ``IMAGE_LR_GRID``; the validation error after
     ``tune_epochs`` epochs; a rate that diverges scores +inf), then train ``make(seed)`` for every seed for
     ``epochs`` epochs at that rate, all with SGD at ``momentum`` (None: ``IMAGE_MOMENTUM``).
 
     Returns ``lr``, ``tuning``, per seed ``final`` (test error % at the last epoch; NaN where diverged),
     ``final_train`` (training error), ``best`` (test error at the best validation epoch), per-epoch ``curve``
-    (mean and sd of the test error) and, with ``align_every``, every seed's alignment ``records``.
+    (mean and sd of the test error) and, with ``align_every``, every seed's alignment ``records``; None when
+    ``stop`` stopped a run.
     """
     grid = IMAGE_LR_GRID if grid is None else grid
     momentum = IMAGE_MOMENTUM if momentum is None else momentum
     scores = []
     for lr in grid:
         run = train_image(ctx, make(0), data, folder / f"tune-lr{lr:g}", lr=lr, epochs=tune_epochs, seed=0,
-                          momentum=momentum)
+                          momentum=momentum, stop=stop)
+        if run is None:
+            return None
         scores.append(math.inf if run["diverged"] else run["history"][-1]["val_error"])
     best = int(np.argmin(scores))
     lr = grid[best]
     finals, trains, bests, curves, records = [], [], [], [], []
     for seed in range(seeds):
         run = train_image(ctx, make(seed), data, folder / f"seed{seed}", lr=lr, epochs=epochs, seed=seed,
-                          align_every=align_every, momentum=momentum)
+                          align_every=align_every, momentum=momentum, stop=stop)
+        if run is None:
+            return None
         if run["diverged"]:
             finals.append(math.nan)
             trains.append(math.nan)
@@ -439,7 +460,7 @@ def image_settings(size: dict[str, Any], data: TensorDataset, grid: Sequence[flo
                    momentum: float | None = None) -> dict[str, Any]:
     return {"data": data.name, "train_examples": len(data.train_x), "validation_examples": len(data.val_x),
             "test_examples": len(data.test_x), "epochs": size["epochs"], "tune_epochs": size["tune_epochs"],
-            "lr_grid": list(IMAGE_LR_GRID if grid is None else grid), "batch_size": IMAGE_BATCH,
+            "lr_grid": list(size["lr_grid"] if grid is None else grid), "batch_size": IMAGE_BATCH,
             "momentum": IMAGE_MOMENTUM if momentum is None else momentum, "seeds": size["seeds"]}
 
 
@@ -465,6 +486,18 @@ def _teacher_rule_text(prefixes: str, grid: Sequence[float]) -> str:
 FIXED_KINDS = ("uniform", "gaussian", "orthogonal", "sparse", "sign(W0)", "W0")
 
 
+def fixed_b_model(*, data: TensorDataset, seed: int, task: str, name: str, rms: float | None = None,
+                  hidden: Sequence[int] = ()) -> nn.Module:
+    """The student of ``task`` (a teacher task's, or an image MLP of ``hidden`` tanh layers) for fixed-B condition
+    ``name``: ``bp``, a kind of :func:`fixed_feedback` at ``rms``, or ``'uniform ×m'`` (m times that rms)."""
+    model = image_student(data, hidden, "tanh", seed) if task == "image" else teacher_student(task, seed)
+    if name == "bp":
+        return fbalign.convert(model, "backprop", inplace=True)
+    kind, _, multiplier = name.partition(" ×")
+    return fixed_feedback(model, kind, seed=stream_seed(FEEDBACK, seed), rms=rms,
+                          multiplier=float(multiplier) if multiplier else 1.0)
+
+
 def run_fixed_b(ctx: Context) -> dict[str, Any]:
     """Which fixed B is best, and at what scale, on the two teacher tasks and the image task."""
     size = sizes(FIXED_B_SCALE, ctx)
@@ -480,32 +513,14 @@ def run_fixed_b(ctx: Context) -> dict[str, Any]:
         "image": {**image_settings(size, data_image), "hidden": size["image_hidden"], "activation": "tanh"}},
         "tasks": {}}
 
-    def condition_rule(model: nn.Module, name: str, seed: int, rms: float | None) -> nn.Module:
-        feedback_seed = stream_seed(FEEDBACK, seed)
-        if name == "bp":
-            return fbalign.convert(model, "backprop", inplace=True)
-        kind, _, multiplier = name.partition(" ×")
-        return fixed_feedback(model, kind, seed=feedback_seed, rms=rms,
-                              multiplier=float(multiplier) if multiplier else 1.0)
-
-    def teacher(task: str, data: TensorDataset, name: str) -> Callable[[], dict[str, Any]]:
-        return lambda: teacher_condition(
-            lambda seed: condition_rule(teacher_student(task, seed), name, seed, LILLICRAP_RMS), data,
-            examples=size[f"{task}_examples"], prefix=size[f"{task}_prefix"], batch_size=batch, seeds=seeds)
-
-    def image(name: str) -> Callable[[], dict[str, Any]]:
-        return lambda: image_condition(
-            ctx, ctx.folder("fixed-b", name.replace(" ×", "-x")),
-            lambda seed: condition_rule(image_student(data_image, size["image_hidden"], "tanh", seed), name, seed,
-                                        None),
-            data_image, epochs=size["epochs"], tune_epochs=size["tune_epochs"], seeds=seeds)
-
     for task in ("linear", "nonlinear"):
-        data = teacher_task(task, size[f"{task}_examples"])
-        results["tasks"][task] = run_conditions(ctx, {name: teacher(task, data, name) for name in conditions},
-                                                f"fixed-b {task}")
-    results["tasks"]["image"] = run_conditions(ctx, {name: image(name) for name in conditions}, "fixed-b image",
-                                               trains_on_device=True)
+        results["tasks"][task] = run_conditions(ctx, size, {name: {
+            "task": task, "examples": size[f"{task}_examples"], "prefix": size[f"{task}_prefix"],
+            "make": functools.partial(fixed_b_model, task=task, name=name, rms=LILLICRAP_RMS)} for name in conditions})
+    results["tasks"]["image"] = run_conditions(ctx, size, {name: {
+        "task": "image", "folder": ("fixed-b", name.replace(" ×", "-x")),
+        "make": functools.partial(fixed_b_model, task="image", name=name, hidden=size["image_hidden"])}
+        for name in conditions}, on_device=True)
     results["headline"] = _fixed_b_headline(results)
     _plot_fixed_b(ctx, results)
     return results
@@ -711,6 +726,15 @@ def _with_path(model: nn.Module, rule: str, nonlinearity: str | None, saturation
     return fixed_feedback(model, "uniform", seed=stream_seed(FEEDBACK, seed), rms=rms, **options)
 
 
+def path_model(*, data: TensorDataset, seed: int, task: str, rule: str, nonlinearity: str | None,
+               saturation: float | None, reference: float, rms: float | None = None,
+               hidden: Sequence[int] = ()) -> nn.Module:
+    """The student of ``task`` (the nonlinear teacher's, or an image MLP of ``hidden`` tanh layers) with the
+    feedback pathway of :func:`_with_path`."""
+    model = image_student(data, hidden, "tanh", seed) if task == "image" else teacher_student(task, seed)
+    return _with_path(model, rule, nonlinearity, saturation, seed=seed, reference=reference, rms=rms)
+
+
 def _step_time_ratios(ctx: Context, models: dict[str, nn.Module], x: Tensor, y: Tensor, *, rounds: int,
                       steps: int) -> dict[str, list[float]]:
     """Seconds per training step (forward, cross-entropy, backward, SGD step) of every model, ``rounds`` rounds
@@ -770,23 +794,16 @@ def run_nonlinear_feedback(ctx: Context) -> dict[str, Any]:
         "saturation_reference": references, "conditions": [list(c) for c in conditions],
         "timing": {"rounds": size["timing_rounds"], "steps": size["timing_steps"], "batch": IMAGE_BATCH,
                    "threads": torch.get_num_threads(), "device": "cpu"}}}
-    def teacher(rule: str, f: str | None, k: float | None) -> Callable[[], dict[str, Any]]:
-        return lambda: teacher_condition(
-            lambda seed: _with_path(teacher_student("nonlinear", seed), rule, f, k, seed=seed,
-                                    reference=references["teacher"][rule], rms=LILLICRAP_RMS),
-            data_teacher, examples=size["examples"], prefix=size["prefix"], batch_size=batch, seeds=seeds)
-
-    def image(name: str, rule: str, f: str | None, k: float | None) -> Callable[[], dict[str, Any]]:
-        return lambda: image_condition(
-            ctx, ctx.folder("nonlinear-feedback", name.replace(" ", "-").replace("×", "x")),
-            lambda seed: _with_path(image_student(data_image, size["image_hidden"], "tanh", seed), rule, f, k,
-                                    seed=seed, reference=references["image"][rule], rms=None),
-            data_image, epochs=size["epochs"], tune_epochs=size["tune_epochs"], seeds=seeds)
-
-    results["teacher"] = run_conditions(ctx, {name: teacher(rule, f, k) for name, rule, f, k in conditions},
-                                        "nonlinear-feedback teacher")
-    results["image"] = run_conditions(ctx, {name: image(name, rule, f, k) for name, rule, f, k in conditions},
-                                      "nonlinear-feedback image", trains_on_device=True)
+    results["teacher"] = run_conditions(ctx, size, {name: {
+        "task": "nonlinear", "examples": size["examples"], "prefix": size["prefix"],
+        "make": functools.partial(path_model, task="nonlinear", rule=rule, nonlinearity=f, saturation=k,
+                                  reference=references["teacher"][rule], rms=LILLICRAP_RMS)}
+        for name, rule, f, k in conditions})
+    results["image"] = run_conditions(ctx, size, {name: {
+        "task": "image", "folder": ("nonlinear-feedback", name.replace(" ", "-").replace("×", "x")),
+        "make": functools.partial(path_model, task="image", rule=rule, nonlinearity=f, saturation=k,
+                                  reference=references["image"][rule], hidden=size["image_hidden"])}
+        for name, rule, f, k in conditions}, on_device=True)
     # Step time, side by side: every condition's image MLP on one batch, on the CPU.
     models = {name: _with_path(image_student(data_image, size["image_hidden"], "tanh", 0), rule, f, k, seed=0,
                                reference=references["image"][rule], rms=None)
@@ -928,27 +945,24 @@ def run_plastic(ctx: Context) -> dict[str, Any]:
     """bp / fa / kp / wm on the image task: test error per epoch and ∡(B, Wᵀ) per layer over training."""
     size = sizes(PLASTIC_SCALE, ctx)
     data = image_data(ctx, size)
-    seeds = size["seeds"]
-    results: dict[str, Any] = {"settings": {**image_settings(size, data, PLASTIC_LR_GRID, PLASTIC_MOMENTUM),
+    results: dict[str, Any] = {"settings": {**image_settings(size, data, size["lr_grid"], PLASTIC_MOMENTUM),
                                             "hidden": size["hidden"],
                                             "activation": "sigmoid", "align_every": size["align_every"],
                                             "kp_decay": KP_DECAY, "mirror_lr": MIRROR_LR,
                                             "mirror_batch": MIRROR_BATCH}}
-    def condition(rule: str, momentum: float, grid: Sequence[float], folder: str) -> Callable[[], dict[str, Any]]:
-        return lambda: image_condition(
-            ctx, ctx.folder("plastic", folder), lambda seed: plastic_model(data, size["hidden"], rule, seed), data,
-            epochs=size["epochs"], tune_epochs=size["tune_epochs"], seeds=seeds, align_every=size["align_every"],
-            grid=grid, momentum=momentum)
+    def condition(rule: str, momentum: float, grid: Sequence[float], folder: str) -> dict[str, Any]:
+        return {"task": "image", "folder": ("plastic", folder), "align_every": size["align_every"], "grid": grid,
+                "momentum": momentum, "make": functools.partial(plastic_model, hidden=size["hidden"], rule=rule)}
 
-    conditions = {rule: condition(rule, PLASTIC_MOMENTUM, PLASTIC_LR_GRID, rule) for rule in PLASTIC_RULES}
-    conditions.update({f"{rule} momentum": condition(rule, IMAGE_MOMENTUM, IMAGE_LR_GRID, f"{rule}-momentum")
+    conditions = {rule: condition(rule, PLASTIC_MOMENTUM, size["lr_grid"], rule) for rule in PLASTIC_RULES}
+    conditions.update({f"{rule} momentum": condition(rule, IMAGE_MOMENTUM, size["controls_lr_grid"], f"{rule}-momentum")
                        for rule in MOMENTUM_CONTROLS})
-    found = run_conditions(ctx, conditions, "plastic", trains_on_device=True)
+    found = run_conditions(ctx, size, conditions, on_device=True)
     for c in found.values():
         c["records"] = _keep_keys(c["records"], ("angle_b_wt/", "angle_dh_bp/", "norm_ratio_b_w/"))
     results["rules"] = {rule: found[rule] for rule in PLASTIC_RULES}
     results["momentum_controls"] = {rule: found[f"{rule} momentum"] for rule in MOMENTUM_CONTROLS}
-    results["settings"]["controls"] = {"momentum": IMAGE_MOMENTUM, "lr_grid": list(IMAGE_LR_GRID)}
+    results["settings"]["controls"] = {"momentum": IMAGE_MOMENTUM, "lr_grid": list(size["controls_lr_grid"])}
     layers = [name for name, _ in fbalign.feedback_layers(plastic_model(data, size["hidden"], "fa", 0))]
     results["layers"] = layers
     results["alignment"] = _plastic_alignment(results["rules"], layers)
@@ -1140,19 +1154,15 @@ def run_depth(ctx: Context) -> dict[str, Any]:
     """BP / FA / DFA / KP, test error against the number of hidden layers, on the image task."""
     size = sizes(DEPTH_SCALE, ctx)
     data = image_data(ctx, size)
-    seeds, depths, rules = size["seeds"], size["depths"], size["rules"]
+    depths, rules = size["depths"], size["rules"]
     results: dict[str, Any] = {"settings": {**image_settings(size, data), "width": size["width"], "depths": depths,
                                             "rules": rules, "activation": "tanh", "align_every": size["align_every"],
                                             "kp_decay": KP_DECAY}}
-    def condition(rule: str, depth: int) -> Callable[[], dict[str, Any]]:
-        return lambda: image_condition(
-            ctx, ctx.folder("depth", f"{rule}-{depth}"),
-            lambda seed: depth_model(data, size["width"], depth, rule, seed), data, epochs=size["epochs"],
-            tune_epochs=size["tune_epochs"], seeds=seeds, align_every=size["align_every"])
-
     # deepest first: the longest conditions start first, so the workers finish together
-    results["runs"] = run_conditions(ctx, {f"{rule}-{depth}": condition(rule, depth) for depth in sorted(depths)[::-1]
-                                           for rule in rules}, "depth", trains_on_device=True)
+    results["runs"] = run_conditions(ctx, size, {f"{rule}-{depth}": {
+        "task": "image", "folder": ("depth", f"{rule}-{depth}"), "align_every": size["align_every"],
+        "make": functools.partial(depth_model, width=size["width"], depth=depth, rule=rule)}
+        for depth in sorted(depths)[::-1] for rule in rules}, on_device=True)
     results["summary"] = _depth_summary(results)
     for c in results["runs"].values():
         c["records"] = _keep_keys(c["records"], ("angle_dh_bp/",))
