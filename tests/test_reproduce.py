@@ -204,7 +204,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
-@pytest.mark.parametrize("paper, workers", [("liao2016", "spawn_main"), ("open-questions", "fbalign")])
+@pytest.mark.parametrize("paper, workers", [("liao2016", "spawn_main"), ("open-questions", "spawn_main")])
 def test_sigterm_stops_a_reproduction_and_its_worker_processes(tmp_path, paper, workers):
     """A ``kill`` of ``fbalign reproduce`` must not leave its training workers running as orphans."""
     if len(os.sched_getaffinity(0)) < 2:
