@@ -366,11 +366,11 @@ def run_magnitudes(ctx: Context) -> dict[str, Any]:
                                   "p": welch_p(_errors(cell[r]), _errors(bp))}
                               for r in cell if r != "backprop"}
         results["tests"][m] = tests
-    results["figure"] = plot_magnitudes(ctx, results)
+    plot_magnitudes(results, ctx)
     return results
 
 
-def plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
+def plot_magnitudes(results: dict[str, Any], ctx: Context) -> None:
     figure, (ax,) = _new_figure(6.4, 3.6, 1)
     rules, models = results["rules"], results["models"]
     width = 0.8 / len(models)
@@ -391,7 +391,7 @@ def plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
     ax.set(ylabel="test error (%)", title=f"{s['data']}{subset}: BN + SGD, mean ± sd over seeds")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
-    return ctx.save_figure(figure, "magnitudes.png")
+    results["figure"] = ctx.save_figure(figure, "magnitudes.png")
 
 
 def claims_magnitudes(results: dict[str, Any]) -> list[Claim]:
@@ -478,11 +478,11 @@ def run_concordance(ctx: Context) -> dict[str, Any]:
             }
         results["references"][m] = {r: magnitudes[f"{m}-{r}"]["test_error"] for r in ("backprop", "fa")
                                     if f"{m}-{r}" in magnitudes}
-    results["figure"] = plot_concordance(ctx, results)
+    plot_concordance(results, ctx)
     return results
 
 
-def plot_concordance(ctx: Context, results: dict[str, Any]) -> str:
+def plot_concordance(results: dict[str, Any], ctx: Context) -> None:
     models = results["models"]
     figure, axes = _new_figure(4.2 * len(models), 3.5, len(models))
     for ax, m in zip(axes, models):
@@ -497,7 +497,7 @@ def plot_concordance(ctx: Context, results: dict[str, Any]) -> str:
         ax.set(xlabel="sign concordance p", ylabel="test error (%)", title=MODEL_LABELS.get(m, m))
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="x-small")
-    return ctx.save_figure(figure, "concordance.png")
+    results["figure"] = ctx.save_figure(figure, "concordance.png")
 
 
 def report_concordance(results: dict[str, Any], section: Report, ctx: Context) -> None:
@@ -596,11 +596,11 @@ def run_bn_bm(ctx: Context) -> dict[str, Any]:
                             - found[f"{m}-backprop-bn-sgd"]["test_error"]["mean"],
                             "p": welch_p(_errors(found[f"{m}-{r}-bn-bm"]), _errors(found[f"{m}-backprop-bn-sgd"]))}
                         for r in signs if r != "usf"} if "backprop" in scale["rules"] else {})}
-    results["figure"] = plot_bn_bm(ctx, results)
+    plot_bn_bm(results, ctx)
     return results
 
 
-def plot_bn_bm(ctx: Context, results: dict[str, Any]) -> str:
+def plot_bn_bm(results: dict[str, Any], ctx: Context) -> None:
     from matplotlib.colors import LogNorm
 
     models, rules, grid = results["models"], results["rules"], results["grid"]
@@ -632,7 +632,7 @@ def plot_bn_bm(ctx: Context, results: dict[str, Any]) -> str:
         ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 90) if norm.vmin <= t <= chance]
         bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
         bar.minorticks_off()
-    return ctx.save_figure(figure, "bn_bm.png")
+    results["figure"] = ctx.save_figure(figure, "bn_bm.png")
 
 
 def report_bn_bm(results: dict[str, Any], section: Report, ctx: Context) -> None:

@@ -51,7 +51,7 @@ from fbalign.models import build as build_model
 from fbalign.runner import Stop, run
 from fbalign.train import DivergedError, train
 
-from .common import Context, Experiment, Report, fmt, welch_p
+from .common import Claim, Context, Experiment, Report, fmt, welch_p
 from .lillicrap2016 import (
     ETA_GRID,
     FEEDBACK_RANGE,
@@ -522,7 +522,7 @@ def run_fixed_b(ctx: Context) -> dict[str, Any]:
         "make": functools.partial(fixed_b_model, task="image", name=name, hidden=size["image_hidden"])}
         for name in conditions}, on_device=True)
     results["headline"] = _fixed_b_headline(results)
-    _plot_fixed_b(ctx, results)
+    plot_fixed_b(results, ctx)
     return results
 
 
@@ -558,7 +558,7 @@ def _fixed_b_headline(results: dict[str, Any]) -> dict[str, Any]:
     return headline
 
 
-def _plot_fixed_b(ctx: Context, results: dict[str, Any]) -> None:
+def plot_fixed_b(results: dict[str, Any], ctx: Context) -> None:
     from matplotlib.figure import Figure
 
     tasks = list(results["tasks"])
@@ -647,37 +647,44 @@ def report_fixed_b(results: dict[str, Any], section: Report, ctx: Context) -> No
                      f"×{fmt(head['best_scale'])}.")
     section.text(_teacher_rule_text(f"{s['linear']['prefix']} and {s['nonlinear']['prefix']} examples",
                                     results["tasks"]["linear"]["bp"]["tuning"]["grid"]))
+    section.claims(claims_fixed_b(results))
+    section.text(_fixed_b_finding(results))
+
+
+def claims_fixed_b(results: dict[str, Any]) -> list[Claim]:
+    """Per task: sparse B nearly as good as dense (Lillicrap 2016; a verdict on the image task: within 1 point),
+    sign(W0) better than uniform (Liao 2016; a verdict only at Welch p < 0.05), uniform FA against backprop."""
     rows = []
     for task in results["tasks"]:
-        head, found = results["headline"][task], results["tasks"][task]
+        head = results["headline"][task]
         sparse_gap = head["mean"]["sparse"] - head["mean"]["uniform"]
         sign_gap = head["mean"]["sign(W0)"] - head["mean"]["uniform"]
         what = "error points" if task == "image" else "decades of NSE"
-        rows.append((f"{task}: sparse − dense B ({what})", sparse_gap,
-                     "+0.3 points (MNIST 2.4% vs 2.1%)" if task == "image" else "– (an MNIST claim)",
-                     None if task != "image" else bool(sparse_gap < 1.0),
-                     "Lillicrap et al. 2016: sparse FA learns nearly as well"
-                     + (" (✓: within 1 point)" if task == "image" else "")
-                     + f"; p = {fmt(head['p_vs_uniform']['sparse'])}"))
+        rows.append(Claim(f"{task}: sparse − dense B ({what})", sparse_gap,
+                          "+0.3 points (MNIST 2.4% vs 2.1%)" if task == "image" else "– (an MNIST claim)",
+                          "Lillicrap et al. 2016: sparse FA learns nearly as well"
+                          + ("; < 1 point" if task == "image" else "")
+                          + f" (p = {fmt(head['p_vs_uniform']['sparse'])})",
+                          None if task != "image" else bool(sparse_gap < 1.0)))
         sign_p = head["p_vs_uniform"]["sign(W0)"]
         # A verdict only where the difference is significant: with few seeds the direction alone is noise.
-        sign_verdict = bool(sign_gap < 0) if math.isfinite(sign_p) and sign_p < 0.05 else None
-        rows.append((f"{task}: sign(W0) − uniform B ({what})", sign_gap, "< 0 (signs matter)", sign_verdict,
-                     "Liao et al. 2016: the more sign-concordant the feedback, the better "
-                     f"(their V follows sign(W); ours is fixed at W0's); p = {fmt(sign_p)}"
-                     + ("" if sign_verdict is not None else "; no verdict without p < 0.05")))
+        rows.append(Claim(f"{task}: sign(W0) − uniform B ({what})", sign_gap, "< 0 (signs matter)",
+                          "Liao et al. 2016: the more sign-concordant the feedback, the better (their V follows "
+                          f"sign(W); ours is fixed at W0's); < 0 at Welch p < 0.05 (p = {fmt(sign_p)})",
+                          bool(sign_gap < 0) if math.isfinite(sign_p) and sign_p < 0.05 else None))
         fa_gap = head["mean"]["uniform"] - head["bp"]
         if task == "linear":
-            claim, agrees, note = ("≤ 0 (1e-12 vs 1e-11)", bool(fa_gap <= 0),
-                                   "Lillicrap 2016 Fig. 1d: FA at or below BP throughout")
+            claim, criterion, verdict = ("≤ 0 (1e-12 vs 1e-11)", "Lillicrap 2016 Fig. 1d: FA at or below BP "
+                                         "throughout; ≤ 0", bool(fa_gap <= 0))
         elif task == "nonlinear":
-            claim, agrees, note = ("≈ 0 (BP 1.05e-3, FA 0.9e-3)", None, "Lillicrap 2016 Fig. 2d, 4-layer student, "
-                                   f"after 4e5 examples; here after {results['settings']['nonlinear']['examples']}")
+            claim, criterion, verdict = ("≈ 0 (BP 1.05e-3, FA 0.9e-3)", "Lillicrap 2016 Fig. 2d, 4-layer student, "
+                                         "after 4e5 examples; here after "
+                                         f"{results['settings']['nonlinear']['examples']}; no verdict", None)
         else:
-            claim, agrees, note = "+3.9 points (LeNet)", None, "BioTorch's published Fashion-MNIST 13.06 vs 9.20"
-        rows.append((f"{task}: uniform FA − backprop ({what})", fa_gap, claim, agrees, note))
-    section.comparison(rows)
-    section.text(_fixed_b_finding(results))
+            claim, criterion, verdict = ("+3.9 points (LeNet)", "BioTorch's published Fashion-MNIST 13.06 vs 9.20; "
+                                         "another network: no verdict", None)
+        rows.append(Claim(f"{task}: uniform FA − backprop ({what})", fa_gap, claim, criterion, verdict))
+    return rows
 
 
 def _fixed_b_finding(results: dict[str, Any]) -> str:
@@ -815,7 +822,7 @@ def run_nonlinear_feedback(ctx: Context) -> dict[str, Any]:
                              for name, rule, _, _ in conditions}
     results["fa_over_bp_linear"] = float(np.median(np.asarray(times["fa linear"]) / np.asarray(times["bp linear"])))
     results["cost"] = _nonlinear_costs(results, conditions)
-    _plot_nonlinear(ctx, results, conditions)
+    plot_nonlinear_feedback(results, ctx)
     return results
 
 
@@ -839,13 +846,12 @@ def _nonlinear_costs(results: dict[str, Any], conditions: list[tuple[str, str, s
     return cost
 
 
-def _plot_nonlinear(ctx: Context, results: dict[str, Any],
-                    conditions: list[tuple[str, str, str | None, float | None]]) -> None:
+def plot_nonlinear_feedback(results: dict[str, Any], ctx: Context) -> None:
     figure, axes = _new_figure(14.0, 4.4, 3)
     # x positions: every pathway for both rules, then fa's tanh at the other saturations
     labels = [label for label, _, _ in PATHS] + [f"tanh s×{k:g}" for k in SATURATION_SWEEP]
     offsets = {"fa": -0.15, "bp": 0.15}
-    for name, rule, _, _ in conditions:
+    for name, rule, _, _ in results["settings"]["conditions"]:
         label = name.partition(" ")[2]
         i, color = labels.index(label) + offsets[rule], RULE_COLORS[rule]
         first = label == "linear"
@@ -899,10 +905,22 @@ def report_nonlinear_feedback(results: dict[str, Any], section: Report, ctx: Con
                  f"in mini-batches of {s['teacher']['batch']}. " + _lr_rule_text(s["image"]) + " "
                  + _teacher_rule_text(f"{s['teacher']['prefix']} examples",
                                       results["teacher"]["fa linear"]["tuning"]["grid"]))
-    section.comparison([("nonlinear feedback pathway on FA", "see the table", "no anchored claim", None,
-                         "the anchored papers (Lillicrap 2016, Nøkland 2016, Akrout 2019, Liao 2016) report no "
-                         "experiment with a nonlinear feedback pathway")])
+    section.claims(claims_nonlinear_feedback(results))
     section.text(_nonlinear_finding(results))
+
+
+def claims_nonlinear_feedback(results: dict[str, Any]) -> list[Claim]:
+    """No anchored paper makes a claim here: one row saying so, with the pathways that learned."""
+    learned = [n for n, c in results["cost"].items() if "linear" not in n and not _nonlinear_failed(c)]
+    return [Claim("nonlinear feedback pathways on FA or BP that learn (within 10× the linear path's NSE and 5 "
+                  "points of its error)", ", ".join(learned) or "none", "no anchored claim",
+                  "the anchored papers (Lillicrap 2016, Nøkland 2016, Akrout 2019, Liao 2016) report no experiment "
+                  "with a nonlinear feedback pathway", None)]
+
+
+def _nonlinear_failed(cost: dict[str, Any]) -> bool:
+    return bool(cost["teacher_diverged"] + cost["image_diverged"] or cost["teacher_nse_ratio"] > 10
+                or cost["image_error_difference"] > 5)
 
 
 def _nonlinear_finding(results: dict[str, Any]) -> str:
@@ -911,8 +929,7 @@ def _nonlinear_finding(results: dict[str, Any]) -> str:
     for name, c in cost.items():
         if "linear" in name:
             continue
-        bad = c["teacher_diverged"] + c["image_diverged"]
-        (failed if bad or c["teacher_nse_ratio"] > 10 or c["image_error_difference"] > 5 else learned).append(name)
+        (failed if _nonlinear_failed(c) else learned).append(name)
     slowest = max((n for n in results["step_ratio"] if "linear" not in n), key=lambda n: results["step_ratio"][n])
     return ("**Finding.** Within 10× the linear path's NSE and 5 points of its test error (and no divergence): "
             f"{', '.join(learned) or 'none'}; beyond that: {', '.join(failed) or 'none'}. The costliest pathway in "
@@ -968,7 +985,7 @@ def run_plastic(ctx: Context) -> dict[str, Any]:
     results["alignment"] = _plastic_alignment(results["rules"], layers)
     results["controls_alignment"] = _plastic_alignment(results["momentum_controls"], layers)
     results["speed"] = _plastic_speed(results)
-    _plot_plastic(ctx, results)
+    plot_plastic(results, ctx)
     return results
 
 
@@ -1017,7 +1034,7 @@ def _plastic_speed(results: dict[str, Any]) -> dict[str, Any]:
     return {"fa_final": target, "by_rule": found}
 
 
-def _plot_plastic(ctx: Context, results: dict[str, Any]) -> None:
+def plot_plastic(results: dict[str, Any], ctx: Context) -> None:
     layers = results["layers"]
     figure, axes = _new_figure(4.4 * (1 + len(layers)), 4.0, 1 + len(layers))
     # every condition: (rule, its results, line style, label); the momentum controls dashed
@@ -1083,20 +1100,30 @@ def report_plastic(results: dict[str, Any], section: Report, ctx: Context) -> No
                   [[f"{RULE_LABELS[rule]}, momentum",
                     *_plastic_row(c, results["controls_alignment"].get(rule, {}), bp_momentum)]
                    for rule, c in results["momentum_controls"].items()])
+    section.claims(claims_plastic(results))
+    section.text(_plastic_finding(results))
+
+
+def claims_plastic(results: dict[str, Any]) -> list[Claim]:
+    """Akrout et al. 2019: KP and WM close at least half of FA's gap to backprop, and their B ends better aligned
+    with Wᵀ than fa's, in every layer."""
     akrout = {rule: 100.0 - acc for rule, acc in AKROUT_MNIST_ACCURACY.items()}
     gap = {rule: results["speed"]["by_rule"][rule]["gap_to_bp"] for rule in PLASTIC_RULES}
-    rows = [(f"{rule}: final test error − backprop (points)", gap[rule], f"{akrout[rule] - akrout['bp']:+.2f} (MNIST)",
-             bool(gap[rule] < gap["fa"] / 2) if rule in ("kp", "wm") else None,
-             "Akrout et al. 2019: KP and WM close FA's gap to BP (✓: at least half of it closed); p vs fa = "
-             f"{fmt(welch_p(results['rules'][rule]['final'], results['rules']['fa']['final']))}"
-             if rule != "fa" else "FA's gap") for rule in ("fa", "kp", "wm")]
+    rows = [Claim("fa: final test error − backprop (points)", gap["fa"], f"{akrout['fa'] - akrout['bp']:+.2f} (MNIST)",
+                  "FA's gap (the reference)", None)]
+    for rule in ("kp", "wm"):
+        p = welch_p(results["rules"][rule]["final"], results["rules"]["fa"]["final"])
+        rows.append(Claim(f"{rule}: final test error − backprop (points)", gap[rule],
+                          f"{akrout[rule] - akrout['bp']:+.2f} (MNIST)", "Akrout et al. 2019: KP and WM close FA's "
+                          f"gap to BP; at least half of it closed (p vs fa = {fmt(p)})",
+                          bool(gap[rule] < gap["fa"] / 2)))
+    fa_ends = [a["end"][0] for a in results["alignment"]["fa"].values()]
     for rule in ("kp", "wm"):
         ends = [a["end"][0] for a in results["alignment"][rule].values()]
-        fa_ends = [a["end"][0] for a in results["alignment"]["fa"].values()]
-        rows.append((f"{rule}: ∡(B, Wᵀ) at the end, per layer (°)", ", ".join(fmt(e) for e in ends), "small",
-                     bool(max(ends) < min(fa_ends)), f"fa's: {', '.join(fmt(e) for e in fa_ends)}"))
-    section.comparison(rows)
-    section.text(_plastic_finding(results))
+        rows.append(Claim(f"{rule}: ∡(B, Wᵀ) at the end, per layer (°)", ", ".join(fmt(e) for e in ends), "small",
+                          f"every layer below fa's smallest (fa's: {', '.join(fmt(e) for e in fa_ends)})",
+                          bool(max(ends) < min(fa_ends))))
+    return rows
 
 
 def _plastic_row(c: dict[str, Any], align: dict[str, Any], bp: float) -> list[Any]:
@@ -1166,7 +1193,7 @@ def run_depth(ctx: Context) -> dict[str, Any]:
     results["summary"] = _depth_summary(results)
     for c in results["runs"].values():
         c["records"] = _keep_keys(c["records"], ("angle_dh_bp/",))
-    _plot_depth(ctx, results)
+    plot_depth(results, ctx)
     return results
 
 
@@ -1194,7 +1221,7 @@ def _depth_summary(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _plot_depth(ctx: Context, results: dict[str, Any]) -> None:
+def plot_depth(results: dict[str, Any], ctx: Context) -> None:
     s = results["settings"]
     figure, axes = _new_figure(13.0, 3.8, 3)
     for rule in s["rules"]:
@@ -1238,26 +1265,32 @@ def report_depth(results: dict[str, Any], section: Report, ctx: Context) -> None
                      ", ".join(fmt(by_depth[str(d)]["angle_lowest"][0]) for d in s["depths"])])
     section.table(header, rows)
     section.text(_lr_rule_text(s))
+    section.claims(claims_depth(results))
+    section.text(_depth_finding(results))
+
+
+def claims_depth(results: dict[str, Any]) -> list[Claim]:
+    """How each rule's gap to backprop changes with depth (the published gaps are at one depth on another
+    network: no verdict), and whether depth helps backprop and FA (Lillicrap 2016, Fig. 2d: on another task)."""
+    s, summary = results["settings"], results["summary"]
     shallow, deep = str(s["depths"][0]), str(s["depths"][-1])
-    summary = results["summary"]
 
     def gap(rule: str, depth: str) -> float:
         return summary[rule][depth]["test"][0] - summary["bp"][depth]["test"][0]
 
-    rows = []
-    for rule in [r for r in s["rules"] if r != "bp"]:
-        rows.append((f"{rule} − backprop at {shallow} → {deep} hidden layers (points)",
-                     f"{fmt(gap(rule, shallow))} → {fmt(gap(rule, deep))}",
-                     {"fa": "+3.86 (BioTorch LeNet, FMNIST)", "dfa": "+3.61 (BioTorch LeNet, FMNIST)"}.get(rule, "–"),
-                     None, "the gap at one depth on another network; here: how it changes with depth"))
+    rows = [Claim(f"{rule} − backprop at {shallow} → {deep} hidden layers (points)",
+                  f"{fmt(gap(rule, shallow))} → {fmt(gap(rule, deep))}",
+                  {"fa": "+3.86 (BioTorch LeNet, FMNIST)", "dfa": "+3.61 (BioTorch LeNet, FMNIST)"}.get(rule, "–"),
+                  "the gap at one depth on another network; here: how it changes with depth", None)
+            for rule in s["rules"] if rule != "bp"]
     for rule in [r for r in s["rules"] if r in ("bp", "fa")]:
         change = summary[rule][deep]["test"][0] - summary[rule][shallow]["test"][0]
-        rows.append((f"{rule}: test error at {deep} − at {shallow} hidden layers (points)", change,
-                     "< 0 (4-layer beats 3-layer on the nonlinear teacher)", None,
-                     "Lillicrap et al. 2016, Fig. 2d: deeper helps both BP and FA, on a task that needs depth; "
-                     + ("here too" if change < 0 else "not here, where the same epochs must train a deeper net")))
-    section.comparison(rows)
-    section.text(_depth_finding(results))
+        rows.append(Claim(f"{rule}: test error at {deep} − at {shallow} hidden layers (points)", change,
+                          "< 0 (4-layer beats 3-layer on the nonlinear teacher)",
+                          "Lillicrap et al. 2016, Fig. 2d: deeper helps both BP and FA, on a task that needs depth; "
+                          + ("here too" if change < 0 else "not here, where the same epochs must train a deeper net")
+                          + "; another task: no verdict", None))
+    return rows
 
 
 def _depth_finding(results: dict[str, Any]) -> str:
