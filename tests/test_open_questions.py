@@ -15,6 +15,8 @@ import fbalign
 import fbalign.models
 from fbalign.experiments import PAPERS, common
 from fbalign.experiments import open_questions as oq
+from fbalign.experiments.open_questions import nonlinear_feedback
+
 
 def _context(tmp_path, **kw):
     return common.Context(paper="open-questions", progress=False, **{"out_dir": tmp_path / "out", "scale": "tiny",
@@ -75,7 +77,7 @@ def test_sign_concordant_b_stays_fixed_and_concordant_with_w0(tmp_path, one_thre
 @pytest.mark.parametrize("rule", ["fa", "bp"])
 def test_nonlinear_path_reaches_the_hidden_layers(rule):
     """With the sign pathway at saturation s, every error arriving below a layer is ±s (or 0)."""
-    model = oq._with_path(_tiny_mlp(), rule, "sign", 1.0, seed=0, reference=0.25, rms=None)
+    model = nonlinear_feedback._with_path(_tiny_mlp(), rule, "sign", 1.0, seed=0, reference=0.25, rms=None)
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
     arrived = []
 
@@ -88,7 +90,7 @@ def test_nonlinear_path_reaches_the_hidden_layers(rule):
     assert len(arrived) == 2
     for grad in arrived:
         assert set(grad.abs().unique().tolist()) <= {0.0, 0.25}
-    linear = oq._with_path(_tiny_mlp(), rule, None, None, seed=0, reference=0.25, rms=None)
+    linear = nonlinear_feedback._with_path(_tiny_mlp(), rule, None, None, seed=0, reference=0.25, rms=None)
     assert oq.arriving_error_rms(linear, F.cross_entropy, x, y) > 0
 
 
@@ -114,7 +116,7 @@ def test_fixed_b_tiny(tmp_path, one_thread):
 def test_nonlinear_feedback_tiny(tmp_path, one_thread):
     ctx = _context(tmp_path)
     results = common._to_json(oq.run_nonlinear_feedback(ctx))
-    names = [name for name, *_ in oq._path_conditions()]
+    names = [name for name, *_ in nonlinear_feedback._path_conditions()]
     assert len(names) == 15 and set(results["teacher"]) == set(results["image"]) == set(names)
     for name in names:
         assert results["step_seconds"][name] > 0 and math.isfinite(results["step_ratio"][name])
