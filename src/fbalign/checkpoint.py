@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "save", "load", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "save", "load", "rng_state", "set_rng_state"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, corrupted, or written by another version. The message names
+    the file and how to start over."""
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -64,8 +69,26 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save` (tensors, numbers, strings, lists and dicts only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`save` (tensors, numbers, strings, lists and dicts only).
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointError: the file is not a checkpoint this version can read (cut short by a full disk or a copy,
+            corrupted, or holding objects other than tensors and plain data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises OSError, RuntimeError, EOFError, UnpicklingError ... by the damage
+        raise CheckpointError(f"cannot read the checkpoint {path} ({path.stat().st_size} bytes): it is truncated, "
+                              f"corrupted or written by another version ({type(e).__name__}: {e}). Start over by "
+                              f"deleting it (rm {path}) or training into a new directory") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint; delete it (rm {path}) "
+                              "or train into a new directory")
+    return state
 
 
 def rng_state(*generators: torch.Generator) -> dict[str, Any]:

@@ -6,15 +6,19 @@ processes where the cores allow, each with its share of the CPU threads (one pro
 validation split, the test error at each run's best validation epoch), ``OUT/results.json`` every run's
 numbers, and ``OUT/curves.png`` the curves (mean ± sd per rule). ``--resume`` continues an interrupted grid:
 finished runs are reused, unfinished ones continue from their checkpoints. Ctrl-C, or SIGTERM sent to this
-process alone (``kill``, a batch scheduler), stops every run at the end of its current step with a checkpoint.
+process alone (``kill``, a batch scheduler), stops every run at the end of its current step with a checkpoint,
+and the command prints how to continue.
+
+The runs go through :func:`fbalign.runner.run`: ``--executor process`` (the default: local processes),
+``inline`` (this process, one run at a time) or ``ray`` (Ray tasks on a local Ray runtime, or on the cluster at
+``--address``; ``pip install 'fbalign[ray]'``). On a cluster, ``--out`` must name a directory every node can
+write (a shared file system): each run writes its own directory there.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import os
 import shlex
 import statistics
@@ -30,15 +34,8 @@ from tqdm.auto import tqdm
 from . import rules as rules_module
 from .checkpoint import atomic_write_text
 from .config import PLAIN_TORCH, Config, ConfigError, load_config
-from .train import (
-    DivergedError,
-    RunDirectoryError,
-    _stop_requests,
-    catch_stop_signals,
-    resolve_device,
-    stopped_by_parent,
-    train,
-)
+from .runner import EXECUTORS, Interrupted, Stop, run
+from .train import DivergedError, RunDirectoryError, resolve_device, train
 
 __all__ = ["RunOutcome", "compare", "results_table", "plan_parallelism", "add_parser", "main"]
 
@@ -82,20 +79,30 @@ def _canonical(rule: str) -> str:
         raise ConfigError(f"--rules: {e} (or {PLAIN_TORCH!r} for the unconverted model)") from None
 
 
-def _run_one(config: dict[str, Any], rule_section: dict[str, Any], seed: int, threads: int, run_dir: str,
-             resume: bool) -> RunOutcome:
-    """One run of the grid, in a worker process. Failures become outcomes, so one bad run does not stop the grid."""
-    rule = rule_section["name"]
-    if stopped_by_parent():  # queued before the stop came
-        return RunOutcome(rule, seed, run_dir, "not started")
+@dataclass(frozen=True)
+class _Job:
+    """One (rule, seed) run of the grid, as sent to a worker."""
+
+    config: dict[str, Any]
+    rule_section: dict[str, Any]
+    seed: int
+    threads: int
+    run_dir: str  # as the user wrote it: reported in the table and results.json
+    path: str  # absolute: workers (Ray's, above all) may start elsewhere
+    resume: bool
+
+
+def _run_one(job: _Job, stop: Stop) -> RunOutcome:
+    """One run of the grid, in a worker. Failures become outcomes, so one bad run does not stop the grid."""
+    rule = job.rule_section["name"]
     try:
-        result = train(config, run_dir=run_dir, resume=resume, rule=rule_section, seed=seed, threads=threads,
-                       log={**config["log"], "progress": False})
+        result = train(job.config, run_dir=job.path, resume=job.resume, stop=stop, rule=job.rule_section,
+                       seed=job.seed, threads=job.threads, log={**job.config["log"], "progress": False})
     except DivergedError as e:
-        return RunOutcome(rule, seed, run_dir, "diverged", message=str(e))
+        return RunOutcome(rule, job.seed, job.run_dir, "diverged", message=str(e))
     except Exception as e:  # reported in the table; the traceback is in the message
-        return RunOutcome(rule, seed, run_dir, "failed", message=f"{type(e).__name__}: {e}")
-    return RunOutcome(rule, seed, run_dir, result.status, summary=result.summary())
+        return RunOutcome(rule, job.seed, job.run_dir, "failed", message=f"{type(e).__name__}: {e}")
+    return RunOutcome(rule, job.seed, job.run_dir, result.status, summary=result.summary())
 
 
 def _mean_sd(values: Sequence[float], spec: str = ".2f") -> str:
@@ -133,13 +140,19 @@ def results_table(outcomes: Sequence[RunOutcome], regression: bool = False) -> s
 
 def compare(config: str | os.PathLike | dict[str, Any] | Config, rules: Sequence[str], seeds: Sequence[int], *,
             out_dir: str | os.PathLike, overrides: Sequence[str] = (), jobs: int | None = None,
-            resume: bool = False, progress: bool = True) -> list[RunOutcome]:
+            resume: bool = False, progress: bool = True, executor: str = "process",
+            address: str | None = None) -> list[RunOutcome]:
     """Train ``config`` with every rule in ``rules`` and every seed in ``seeds``; write the table and plot.
 
     The config's own ``[rule]`` options are kept for that rule; other rules get their defaults. Returns the
-    outcomes in grid order. Raises :class:`~fbalign.config.ConfigError` (before training) for a bad config
-    or rule name, :class:`~fbalign.train.RunDirectoryError` when ``out_dir`` holds runs and ``resume`` is off.
+    outcomes in grid order; after a stop (Ctrl-C, SIGTERM) the unfinished runs are ``'interrupted'`` (with a
+    checkpoint) or ``'not started'``. ``executor`` and ``address`` choose where the runs go (see
+    :func:`fbalign.runner.run`); ``jobs`` is how many at a time. Raises :class:`~fbalign.config.ConfigError`
+    (before training) for a bad config or rule name, :class:`~fbalign.train.RunDirectoryError` when ``out_dir``
+    holds runs and ``resume`` is off.
     """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     cfg = load_config(config, overrides)
     names = [_canonical(r) for r in rules]  # fails on a bad name before anything runs
     if len(set(names)) != len(names):
@@ -153,41 +166,23 @@ def compare(config: str | os.PathLike | dict[str, Any] | Config, rules: Sequence
     if not resume and any(d.exists() for d in dirs):
         raise RunDirectoryError(f"{out} already holds runs of this grid; continue them with --resume, or choose "
                                 "another directory with --out")
-    processes, threads = plan_parallelism(len(grid), cfg.device, jobs)
+    if executor == "ray":  # Ray gives each task one CPU; jobs=None: as many at a time as the cluster has CPUs
+        workers, threads = jobs, 1
+    else:
+        workers, threads = plan_parallelism(len(grid), cfg.device, 1 if executor == "inline" else jobs)
     base = cfg.to_dict()
-    outcomes: dict[int, RunOutcome] = {}
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with this process
-    stop_event = context.Event()
-    bar = tqdm(total=len(grid), desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
-    with _stop_requests(True) as stop, cf.ProcessPoolExecutor(
-            processes, mp_context=context, initializer=catch_stop_signals, initargs=(stop_event,)) as pool:
-        futures = {pool.submit(_run_one, base, section, seed, threads, str(d), resume): i
-                   for i, ((section, seed), d) in enumerate(zip(grid, dirs))}
-        pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-            for f in done:
-                i = futures[f]
-                try:
-                    outcomes[i] = f.result()
-                except cf.CancelledError:
-                    outcomes[i] = RunOutcome(grid[i][0]["name"], grid[i][1], str(dirs[i]), "not started")
-                except Exception as e:  # the worker process died (killed, out of memory)
-                    outcomes[i] = RunOutcome(grid[i][0]["name"], grid[i][1], str(dirs[i]), "failed",
-                                             message=f"{type(e).__name__}: {e}")
-                o = outcomes[i]
-                bar.update()
-                if o.status != "finished":
-                    tqdm.write(f"{o.rule} seed {o.seed}: {o.status} {o.message}".rstrip())
-            if stop and pending:
-                stop_event.set()  # the running workers checkpoint and return; see catch_stop_signals
-                for f in pending:
-                    if f.cancel():
-                        i = futures[f]
-                        outcomes[i] = RunOutcome(grid[i][0]["name"], grid[i][1], str(dirs[i]), "not started")
-                pending = {f for f in pending if not f.cancelled()}
-    bar.close()
-    ordered = [outcomes[i] for i in range(len(grid))]
+    work = [_Job(base, section, seed, threads, str(d), str(d.resolve()), resume)
+            for (section, seed), d in zip(grid, dirs)]
+    if progress:
+        tqdm.write(f"{len(work)} run(s) on {executor}" + (f" ({workers} at a time)" if workers else ""))
+    try:
+        ordered = run(_run_one, work, workers=workers, executor=executor, address=address)
+    except Interrupted as e:
+        ordered = [e.results.get(i) or RunOutcome(j.rule_section["name"], j.seed, j.run_dir, "not started")
+                   for i, j in enumerate(work)]
+    for o in ordered:
+        if o.status != "finished" and progress:
+            tqdm.write(f"{o.rule} seed {o.seed}: {o.status} {o.message}".rstrip())
     _write_results(out, cfg, ordered, seeds)
     return ordered
 
@@ -230,6 +225,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core on the CPU, "
                    "one on a GPU)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs and continue unfinished ones")
+    p.add_argument("--executor", choices=EXECUTORS, default="process",
+                   help="where the runs go: local processes (default), inline (this process) or ray")
+    p.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (auto, HOST:6379 "
+                   "or ray://HOST:10001); default: a local Ray runtime")
     p.set_defaults(func=main)
 
 
@@ -239,7 +238,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg.name or 'run'}"
-        outcomes = compare(cfg, rules, args.seeds, out_dir=out, jobs=args.jobs, resume=args.resume)
+        outcomes = compare(cfg, rules, args.seeds, out_dir=out, jobs=args.jobs, resume=args.resume,
+                           executor=args.executor, address=args.address)
     except (ConfigError, RunDirectoryError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -248,8 +248,10 @@ def main(args: argparse.Namespace) -> int:
           f"curves {out / 'curves.png'}")
     if any(o.status in ("interrupted", "not started") for o in outcomes):
         sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+        where = f" --executor {args.executor}" if args.executor != "process" else ""
+        where += f" --address {shlex.quote(args.address)}" if args.address else ""
         print(f"interrupted; continue with: fbalign compare {shlex.quote(str(args.config))} --rules {args.rules} "
-              f"--seeds {','.join(map(str, args.seeds))}{sets} --out {shlex.quote(str(out))} --resume",
+              f"--seeds {','.join(map(str, args.seeds))}{sets} --out {shlex.quote(str(out))}{where} --resume",
               file=sys.stderr)
         return 130
     return 0 if all(o.status == "finished" for o in outcomes) else 1
