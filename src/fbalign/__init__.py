@@ -7,6 +7,7 @@
 
 from . import dfa, functional, metrics, nn, optim, perturbation, plastic, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
+from .ensemble import Ensemble, MemberDivergedWarning
 from .nn import exact_backprop, feedback_layers
 from .perturbation import NodePerturbation
 from .plastic import mirror
@@ -16,4 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
            "functional", "metrics", "optim", "dfa", "plastic", "mirror", "perturbation", "NodePerturbation",
-           "exact_backprop", "feedback_layers", "__version__"]
+           "exact_backprop", "feedback_layers", "__version__",
+           "Ensemble", "MemberDivergedWarning"]

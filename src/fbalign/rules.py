@@ -466,15 +466,15 @@ class BRSF(_SignRule):
         return torch.randint(0, 256, weight.shape, generator=generator, dtype=torch.uint8).bitwise_or_(1)
 
     @staticmethod
-    def _redraw(magnitude: Tensor) -> None:
+    def _redraw(magnitude: Tensor, generator: torch.Generator | None = None) -> None:
         flat = magnitude.view(-1)
         n = flat.numel()
         whole = n // 8 * 8
         words = (flat if whole == n else flat[:whole]).view(torch.int64)
-        words.random_()  # all 64 bits of each draw become 8 magnitudes...
+        words.random_(generator=generator)  # all 64 bits of each draw become 8 magnitudes...
         words.bitwise_or_(0x0101010101010101)  # ...each made odd, 8 at a time
         if whole < n:
-            flat[whole:].random_(0, 256).bitwise_or_(1)
+            flat[whole:].random_(0, 256, generator=generator).bitwise_or_(1)
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
         if layer.training and torch.is_grad_enabled() and input.requires_grad:
