@@ -46,6 +46,7 @@ from fbalign.runner import Stop, run
 from fbalign.train import CHECKPOINT, DivergedError, RunDirectoryError, build_model, load_data, train
 
 from .common import Claim, Context, Experiment, Report, ReproductionError, fmt, load_results, welch_p
+from .toolkit import new_figure, summary
 
 TITLE = ("Liao, Leibo & Poggio (2016), *How Important Is Weight Symmetry in Backpropagation?*, AAAI-16 "
          "(arXiv 1510.05067)")
@@ -247,14 +248,6 @@ def _choose(tuning: Sequence[dict[str, Any]]) -> int:
     return min(finished, key=key)
 
 
-def summary_stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample sd (0 for one value), n and the values; NaN mean for none."""
-    array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()) if len(array) else math.nan,
-            "sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0 if len(array) else math.nan,
-            "n": len(array), "values": array.tolist()}
-
-
 def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell], setup: dict[str, Any] | None = None
               ) -> dict[str, dict[str, Any]]:
     """Train every cell: each rate of its optimizer's grid at seed 0, then the other seeds at the chosen rate, all
@@ -293,7 +286,7 @@ def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell], setup: dict[
             "rates_that_train": sum(collapse_kind(o) is None for o in tuning[cell.key]),
             "runs": runs, "collapse": kinds, "collapsed_runs": sum(k is not None for k in kinds),
             "collapsed": sum(k is not None for k in kinds) > len(runs) / 2,
-            "test_error": summary_stats([o["test_error"] for o in runs if o["status"] == "finished"]),
+            "test_error": summary([o["test_error"] for o in runs if o["status"] == "finished"]),
         }
     return results
 
@@ -309,7 +302,7 @@ def _settings(ctx: Context) -> dict[str, Any]:
 
 
 def _errors(cell: dict[str, Any]) -> list[float]:
-    return cell["test_error"]["values"]
+    return cell["test_error"]["runs"]
 
 
 def _mean_sd(cell: dict[str, Any]) -> str:
@@ -335,14 +328,6 @@ def _settings_text(s: dict[str, Any], what: str) -> str:
             "chance.")
 
 
-def _new_figure(width: float, height: float, panels: int) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-    return figure, list(axes)
-
-
 # ------------------------------------------------------------------------------------------------ magnitudes
 
 def run_magnitudes(ctx: Context) -> dict[str, Any]:
@@ -366,12 +351,11 @@ def run_magnitudes(ctx: Context) -> dict[str, Any]:
                                   "p": welch_p(_errors(cell[r]), _errors(bp))}
                               for r in cell if r != "backprop"}
         results["tests"][m] = tests
-    plot_magnitudes(results, ctx)
     return results
 
 
 def plot_magnitudes(results: dict[str, Any], ctx: Context) -> None:
-    figure, (ax,) = _new_figure(6.4, 3.6, 1)
+    figure, ax = new_figure(6.4, 3.6)
     rules, models = results["rules"], results["models"]
     width = 0.8 / len(models)
     x = np.arange(len(rules))
@@ -383,7 +367,7 @@ def plot_magnitudes(results: dict[str, Any], ctx: Context) -> None:
         ax.bar(offset, means, width * 0.92, yerr=sds, capsize=3, color=COLORS.get(m), alpha=0.75,
                label=MODEL_LABELS.get(m, m))
         for xi, c in zip(offset, cells):
-            values = c["test_error"]["values"]
+            values = c["test_error"]["runs"]
             ax.plot([xi] * len(values), values, "k.", markersize=3)
     ax.set_xticks(x, [LABELS[r] for r in rules])
     s = results["settings"]
@@ -478,13 +462,13 @@ def run_concordance(ctx: Context) -> dict[str, Any]:
             }
         results["references"][m] = {r: magnitudes[f"{m}-{r}"]["test_error"] for r in ("backprop", "fa")
                                     if f"{m}-{r}" in magnitudes}
-    plot_concordance(results, ctx)
     return results
 
 
 def plot_concordance(results: dict[str, Any], ctx: Context) -> None:
     models = results["models"]
-    figure, axes = _new_figure(4.2 * len(models), 3.5, len(models))
+    figure, axes = new_figure(4.2 * len(models), 3.5, len(models))
+    axes = np.atleast_1d(axes)
     for ax, m in zip(axes, models):
         for r in results["rules"]:
             curve = results["curves"][f"{m}-{r}"]
@@ -596,7 +580,6 @@ def run_bn_bm(ctx: Context) -> dict[str, Any]:
                             - found[f"{m}-backprop-bn-sgd"]["test_error"]["mean"],
                             "p": welch_p(_errors(found[f"{m}-{r}-bn-bm"]), _errors(found[f"{m}-backprop-bn-sgd"]))}
                         for r in signs if r != "usf"} if "backprop" in scale["rules"] else {})}
-    plot_bn_bm(results, ctx)
     return results
 
 
@@ -604,7 +587,8 @@ def plot_bn_bm(results: dict[str, Any], ctx: Context) -> None:
     from matplotlib.colors import LogNorm
 
     models, rules, grid = results["models"], results["rules"], results["grid"]
-    figure, axes = _new_figure(4.6 * len(models) + 0.8, 0.6 * len(rules) + 1.5, len(models))
+    figure, axes = new_figure(4.6 * len(models) + 0.8, 0.6 * len(rules) + 1.5, len(models))
+    axes = np.atleast_1d(axes)
     chance = next(iter(results["cells"].values()))["runs"][0]["chance_error"]
     means = [c["test_error"]["mean"] for c in results["cells"].values() if c["test_error"]["n"]]
     # A log scale: the cells that train differ by a point or two, the collapsed ones sit near chance.
@@ -628,7 +612,7 @@ def plot_bn_bm(results: dict[str, Any], ctx: Context) -> None:
         ax.set_yticks(range(len(rules)), [LABELS[r] for r in rules], fontsize=8)
         ax.set_title(f"{MODEL_LABELS.get(m, m)}: test error (%)", fontsize=9)
     if image is not None:
-        bar = figure.colorbar(image, ax=axes, shrink=0.9, label="test error (%), log scale")
+        bar = figure.colorbar(image, ax=list(axes), shrink=0.9, label="test error (%), log scale")
         ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 90) if norm.vmin <= t <= chance]
         bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
         bar.minorticks_off()
@@ -732,8 +716,9 @@ def claims_bn_bm(results: dict[str, Any]) -> list[Claim]:
 
 EXPERIMENTS = [
     Experiment("magnitudes", "Magnitudes of the feedback do not matter (BP, uSF, frSF, brSF, FA)", run_magnitudes,
-               report_magnitudes, threads=1),
+               report_magnitudes, threads=1, claims=claims_magnitudes, plot=plot_magnitudes),
     Experiment("concordance", "Signs matter: error against sign concordance p", run_concordance,
-               report_concordance, needs=("magnitudes",), threads=1),
-    Experiment("bn_bm", "Batch Normalization × Batch Manhattan", run_bn_bm, report_bn_bm, threads=1),
+               report_concordance, needs=("magnitudes",), threads=1, claims=claims_concordance, plot=plot_concordance),
+    Experiment("bn_bm", "Batch Normalization × Batch Manhattan", run_bn_bm, report_bn_bm, threads=1,
+               claims=claims_bn_bm, plot=plot_bn_bm),
 ]

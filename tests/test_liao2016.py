@@ -77,6 +77,38 @@ def test_whole_reproduction_at_tiny_scale(one_thread, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["experiments"]["magnitudes"]["settings"]["lr_grid"] == {"sgd": [1e-2, 1e-1], "bm": [1e-3]}
 
+    # Claims are data: every row has a criterion and a verdict the numbers decide.
+    for claims in (liao2016.claims_magnitudes(magnitudes), liao2016.claims_concordance(concordance),
+                   liao2016.claims_bn_bm(grid)):
+        assert claims and all(isinstance(c, common.Claim) and c.verdict in (True, False, None) for c in claims)
+    p1 = next(c for c in liao2016.claims_concordance(concordance) if "p = 1 runs equal" in c.quantity)
+    assert p1.verdict is True
+    frsf = next(c for c in liao2016.claims_bn_bm(grid) if c.quantity == "MLP 3×256, frSF")
+    assert frsf.verdict == (grid["verdicts"]["mlp-frsf"]["neither_collapsed"]
+                            and bool(grid["verdicts"]["mlp-frsf"]["cells_that_train"]))
+
+    # --replot redraws every figure and the same report from results.json alone.
+    for figure in ("magnitudes.png", "concordance.png", "bn_bm.png"):
+        (out / figure).unlink()
+    common.replot(liao2016, _context(tmp_path))
+    assert all((out / f).stat().st_size > 10_000 for f in ("magnitudes.png", "concordance.png", "bn_bm.png"))
+    assert (out / "report.md").read_text() == report
+
+
+def test_claims_follow_the_numbers():
+    """The concordance verdicts from made-up curves: falling steadily and significantly is ✓, rising is ✗, higher
+    at low p without significance is no verdict."""
+    def results(spearman, difference, p):
+        return {"curves": {"mlp-usf": {"p": [0.5, 1.0], "spearman": spearman, "lowest_minus_highest": difference,
+                                       "lowest_vs_highest_p": p, "p1_equals_plain_rule": None}}}
+
+    def verdicts(found):
+        return [c.verdict for c in liao2016.claims_concordance(found)]
+
+    assert verdicts(results(-0.9, 5.0, 0.001)) == [True, True]
+    assert verdicts(results(0.5, -3.0, 0.001)) == [False, False]
+    assert verdicts(results(-0.5, 2.0, 0.3)) == [False, None]
+
 
 def test_collapsed_runs_are_flagged_not_raised(one_thread, tmp_path, monkeypatch):
     """A rate that makes the loss NaN is a 'diverged' run and one too small to learn stays at chance: both are

@@ -94,9 +94,20 @@ def test_nonlinear_path_reaches_the_hidden_layers(rule):
     assert oq.arriving_error_rms(linear, F.cross_entropy, x, y) > 0
 
 
-def test_fixed_b_tiny(tmp_path, one_thread):
+def _reproduce(tmp_path, name):
+    """One experiment through reproduce() (run, then plot from the JSON results); its context and results."""
     ctx = _context(tmp_path)
-    results = common._to_json(oq.run_fixed_b(ctx))
+    return ctx, common.reproduce(oq, ctx, [name], command=f"fbalign reproduce open-questions --only {name}")[
+        "experiments"][name]
+
+
+def _check_claims(claims):
+    assert claims and all(isinstance(c, common.Claim) and c.verdict in (True, False, None) for c in claims)
+    assert all(c.criterion for c in claims)
+
+
+def test_fixed_b_tiny(tmp_path, one_thread):
+    ctx, results = _reproduce(tmp_path, "fixed-b")
     conditions = {"bp", *oq.FIXED_KINDS, "uniform ×0.1"}
     assert set(results["tasks"]) == {"linear", "nonlinear", "image"}
     for task, found in results["tasks"].items():
@@ -111,11 +122,15 @@ def test_fixed_b_tiny(tmp_path, one_thread):
     oq.report_fixed_b(results, section, ctx)
     text = section.markdown()
     assert "sign(W0) − uniform B" in text and "Liao et al. 2016" in text and "![fixed_b](fixed_b.png)" in text
+    claims = oq.claims_fixed_b(results)
+    _check_claims(claims)
+    sparse = next(c for c in claims if c.quantity.startswith("image: sparse"))
+    assert sparse.verdict == (results["headline"]["image"]["mean"]["sparse"]
+                              - results["headline"]["image"]["mean"]["uniform"] < 1.0)
 
 
 def test_nonlinear_feedback_tiny(tmp_path, one_thread):
-    ctx = _context(tmp_path)
-    results = common._to_json(oq.run_nonlinear_feedback(ctx))
+    ctx, results = _reproduce(tmp_path, "nonlinear-feedback")
     names = [name for name, *_ in nonlinear_feedback._path_conditions()]
     assert len(names) == 15 and set(results["teacher"]) == set(results["image"]) == set(names)
     for name in names:
@@ -128,12 +143,12 @@ def test_nonlinear_feedback_tiny(tmp_path, one_thread):
     section = common.Report()
     oq.report_nonlinear_feedback(results, section, ctx)
     assert "step time ÷ linear path" in section.markdown()
+    _check_claims(oq.claims_nonlinear_feedback(results))
 
 
 def test_plastic_tiny(tmp_path, one_thread):
     """kp's B aligns with Wᵀ within the run, wm's turns towards it, fa's (fixed) only as far as W turns to B."""
-    ctx = _context(tmp_path)
-    results = common._to_json(oq.run_plastic(ctx))
+    ctx, results = _reproduce(tmp_path, "plastic")
     assert set(results["rules"]) == set(oq.PLASTIC_RULES)
     assert set(results["momentum_controls"]) == set(oq.MOMENTUM_CONTROLS)
     assert {c["momentum"] for c in results["rules"].values()} == {oq.PLASTIC_MOMENTUM}
@@ -154,6 +169,10 @@ def test_plastic_tiny(tmp_path, one_thread):
     section = common.Report()
     oq.report_plastic(results, section, ctx)
     assert "Akrout et al. 2019" in section.markdown()
+    claims = oq.claims_plastic(results)
+    _check_claims(claims)
+    kp_angle = next(c for c in claims if c.quantity.startswith("kp: ∡(B, Wᵀ)"))
+    assert kp_angle.verdict is True  # kp's B aligns (asserted per layer above); fa's fixed B cannot follow
 
 
 def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, one_thread):
@@ -201,6 +220,11 @@ def test_depth_tiny_and_resume(tmp_path, one_thread):
     # A resumed run finds every training run finished in its run directory and gives the same numbers.
     again = common._to_json(oq.run_depth(_context(tmp_path, resume=True)))
     assert again["summary"] == summary
+    _check_claims(oq.claims_depth(found))
+    # --replot: the figure and report.md again, from results.json alone
+    (ctx.out_dir / "depth.png").unlink()
+    common.replot(oq, _context(tmp_path))
+    assert (ctx.out_dir / "depth.png").stat().st_size > 10_000 and (ctx.out_dir / "report.md").read_text() == report
 
 
 def test_fixed_feedback_model_is_a_factory_for_fbalign_train():

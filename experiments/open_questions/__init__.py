@@ -32,6 +32,7 @@ by ``ctx.scale`` (``tiny``: the tests').
 from __future__ import annotations
 
 from ..common import Experiment
+from ..toolkit import mean_sd, pm
 from .depth import DEPTH_SCALE, claims_depth, depth_model, plot_depth, report_depth, run_depth
 from .fixed_b import (
     FIXED_B_SCALE,
@@ -83,9 +84,7 @@ from .shared import (
     image_condition,
     image_data,
     image_student,
-    mean_sd,
     mirror_after_every_step,
-    pm,
     run_condition,
     run_conditions,
     sizes,
@@ -123,11 +122,13 @@ INTRODUCTION = (
     "rate chosen and flags rates at the grid's edge.")
 
 EXPERIMENTS = [
-    Experiment("fixed-b", "Which fixed B is best, and at what scale?", run_fixed_b, report_fixed_b, threads=1),
+    Experiment("fixed-b", "Which fixed B is best, and at what scale?", run_fixed_b, report_fixed_b, threads=1,
+               claims=claims_fixed_b, plot=plot_fixed_b),
     Experiment("nonlinear-feedback", "Does a nonlinear feedback pathway still learn, and at what cost?",
-               run_nonlinear_feedback, report_nonlinear_feedback, threads=1),
+               run_nonlinear_feedback, report_nonlinear_feedback, threads=1, claims=claims_nonlinear_feedback,
+               plot=plot_nonlinear_feedback),
     Experiment("plastic", "Does plastic feedback (KP, WM) learn faster than a fixed B?", run_plastic,
-               report_plastic, threads=1),
+               report_plastic, threads=1, claims=claims_plastic, plot=plot_plastic),
     Experiment("depth", "Does FA keep up as depth grows, and where does DFA stand?", run_depth, report_depth,
-               threads=1),
+               threads=1, claims=claims_depth, plot=plot_depth),
 ]

@@ -14,11 +14,7 @@ import fbalign
 from fbalign.data import TensorDataset
 
 from ..common import Claim, Context, Report, fmt
-from ..lillicrap2016 import (
-    _new_figure,
-    _panel_letter,
-    stream_seed,
-)
+from ..toolkit import mean_sd, new_figure, panel_letter, stream_seed
 from .shared import (
     _GRIDS,
     _TINY_IMAGE,
@@ -32,7 +28,6 @@ from .shared import (
     image_data,
     image_settings,
     image_student,
-    mean_sd,
     run_conditions,
     sizes,
 )
@@ -77,7 +72,6 @@ def run_depth(ctx: Context) -> dict[str, Any]:
     results["summary"] = _depth_summary(results)
     for c in results["runs"].values():
         c["records"] = _keep_keys(c["records"], ("angle_dh_bp/",))
-    plot_depth(results, ctx)
     return results
 
 
@@ -107,7 +101,7 @@ def _depth_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def plot_depth(results: dict[str, Any], ctx: Context) -> None:
     s = results["settings"]
-    figure, axes = _new_figure(13.0, 3.8, 3)
+    figure, axes = new_figure(13.0, 3.8, 3)
     for rule in s["rules"]:
         rows = [results["summary"][rule][str(d)] for d in s["depths"]]
         for ax, key in zip(axes, ("test", "train", "angle_lowest")):
@@ -124,7 +118,7 @@ def plot_depth(results: dict[str, Any], ctx: Context) -> None:
         ax.set(xlabel="hidden layers")
         ax.set_xticks(s["depths"])
         ax.legend(fontsize="small")
-        _panel_letter(ax, letter)
+        panel_letter(ax, letter)
     results["figure"] = ctx.save_figure(figure, "depth.png")
 
 

@@ -15,10 +15,7 @@ import fbalign
 from fbalign.data import TensorDataset
 
 from ..common import Claim, Context, Report, fmt, welch_p
-from ..lillicrap2016 import (
-    _panel_letter,
-    stream_seed,
-)
+from ..toolkit import mean_sd, panel_letter, pm, stream_seed
 from .shared import (
     _GRIDS,
     _TINY_IMAGE,
@@ -32,8 +29,6 @@ from .shared import (
     image_data,
     image_settings,
     image_student,
-    mean_sd,
-    pm,
     run_conditions,
     sizes,
     teacher_student,
@@ -95,7 +90,6 @@ def run_fixed_b(ctx: Context) -> dict[str, Any]:
         "make": functools.partial(fixed_b_model, task="image", name=name, hidden=size["image_hidden"])}
         for name in conditions}, on_device=True)
     results["headline"] = _fixed_b_headline(results)
-    plot_fixed_b(results, ctx)
     return results
 
 
@@ -148,7 +142,7 @@ def plot_fixed_b(results: dict[str, Any], ctx: Context) -> None:
         top.set(ylabel=ylabel, title=TASK_LABELS[task] if task != "image" else
                 f"{results['settings']['image']['data']} MLP")
         top.legend(fontsize="x-small")
-        _panel_letter(top, "abc"[column])
+        panel_letter(top, "abc"[column])
         means, sds = zip(*(mean_sd(_final_values(task, found["uniform" if m == 1.0 else f"uniform ×{m:g}"]))
                            for m in multipliers))
         bottom.errorbar(multipliers, means, yerr=sds, fmt="o-", color="tab:green", capsize=3,
@@ -156,7 +150,7 @@ def plot_fixed_b(results: dict[str, Any], ctx: Context) -> None:
         bottom.axhline(bp_mean, color="black", linewidth=1.0, label="backprop")
         bottom.set(xscale="log", xlabel="rms of B / reference rms", ylabel=ylabel)
         bottom.legend(fontsize="x-small")
-        _panel_letter(bottom, "def"[column])
+        panel_letter(bottom, "def"[column])
     results["figure"] = ctx.save_figure(figure, "fixed_b.png")
 
 

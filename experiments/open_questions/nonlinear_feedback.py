@@ -19,12 +19,7 @@ import fbalign
 from fbalign.data import TensorDataset
 
 from ..common import Claim, Context, Report, fmt, welch_p
-from ..lillicrap2016 import (
-    _new_figure,
-    _panel_letter,
-    half_sse,
-    stream_seed,
-)
+from ..toolkit import half_sse, mean_sd, new_figure, panel_letter, pm, stream_seed
 from .shared import (
     _GRIDS,
     _TINY_IMAGE,
@@ -41,8 +36,6 @@ from .shared import (
     image_data,
     image_settings,
     image_student,
-    mean_sd,
-    pm,
     run_conditions,
     sizes,
     teacher_student,
@@ -178,7 +171,6 @@ def run_nonlinear_feedback(ctx: Context) -> dict[str, Any]:
                              for name, rule, _, _ in conditions}
     results["fa_over_bp_linear"] = float(np.median(np.asarray(times["fa linear"]) / np.asarray(times["bp linear"])))
     results["cost"] = _nonlinear_costs(results, conditions)
-    plot_nonlinear_feedback(results, ctx)
     return results
 
 
@@ -203,7 +195,7 @@ def _nonlinear_costs(results: dict[str, Any], conditions: list[tuple[str, str, s
 
 
 def plot_nonlinear_feedback(results: dict[str, Any], ctx: Context) -> None:
-    figure, axes = _new_figure(14.0, 4.4, 3)
+    figure, axes = new_figure(14.0, 4.4, 3)
     # x positions: every pathway for both rules, then fa's tanh at the other saturations
     labels = [label for label, _, _ in PATHS] + [f"tanh s×{k:g}" for k in SATURATION_SWEEP]
     offsets = {"fa": -0.15, "bp": 0.15}
@@ -226,7 +218,7 @@ def plot_nonlinear_feedback(results: dict[str, Any], ctx: Context) -> None:
     axes[2].set(ylabel="step time / the rule's linear path", title="step time (image MLP, batch 128, CPU)")
     for ax, letter in zip(axes, "abc"):
         ax.legend(fontsize="x-small")
-        _panel_letter(ax, letter)
+        panel_letter(ax, letter)
     results["figure"] = ctx.save_figure(figure, "nonlinear_feedback.png")
 
 

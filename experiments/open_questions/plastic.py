@@ -15,11 +15,7 @@ import fbalign
 from fbalign.data import TensorDataset
 
 from ..common import Claim, Context, Report, fmt, welch_p
-from ..lillicrap2016 import (
-    _new_figure,
-    _panel_letter,
-    stream_seed,
-)
+from ..toolkit import mean_sd, new_figure, panel_letter, pm, stream_seed
 from .shared import (
     _GRIDS,
     _TINY_IMAGE,
@@ -39,8 +35,6 @@ from .shared import (
     image_data,
     image_settings,
     image_student,
-    mean_sd,
-    pm,
     run_conditions,
     sizes,
 )
@@ -102,7 +96,6 @@ def run_plastic(ctx: Context) -> dict[str, Any]:
     results["alignment"] = _plastic_alignment(results["rules"], layers)
     results["controls_alignment"] = _plastic_alignment(results["momentum_controls"], layers)
     results["speed"] = _plastic_speed(results)
-    plot_plastic(results, ctx)
     return results
 
 
@@ -146,7 +139,7 @@ def _plastic_speed(results: dict[str, Any]) -> dict[str, Any]:
 
 def plot_plastic(results: dict[str, Any], ctx: Context) -> None:
     layers = results["layers"]
-    figure, axes = _new_figure(4.4 * (1 + len(layers)), 4.0, 1 + len(layers))
+    figure, axes = new_figure(4.4 * (1 + len(layers)), 4.0, 1 + len(layers))
     # every condition: (rule, its results, line style, label); the momentum controls dashed
     lines = [(rule, c, "-", RULE_LABELS[rule]) for rule, c in results["rules"].items()]
     lines += [(rule, c, "--", f"{RULE_LABELS[rule]}, momentum") for rule, c in results["momentum_controls"].items()]
@@ -161,7 +154,7 @@ def plot_plastic(results: dict[str, Any], ctx: Context) -> None:
     axes[0].set(xlabel="epoch", ylabel="test error (%)", title=f"{results['settings']['data']}, "
                 f"{results['settings']['hidden']} sigmoid")
     axes[0].legend(fontsize="x-small")
-    _panel_letter(axes[0], "a")
+    panel_letter(axes[0], "a")
     for i, layer in enumerate(layers):
         ax = axes[1 + i]
         for rule, c, style, label in lines:
@@ -175,7 +168,7 @@ def plot_plastic(results: dict[str, Any], ctx: Context) -> None:
                title=f"layer {layer}" + (" (input layer: its B is unused)" if i == 0 else ""))
         ax.axhline(90.0, color="0.5", linestyle=":", linewidth=0.8)
         ax.legend(fontsize="x-small")
-        _panel_letter(ax, "bcdefg"[i])
+        panel_letter(ax, "bcdefg"[i])
     results["figure"] = ctx.save_figure(figure, "plastic.png")
 
 

@@ -25,23 +25,13 @@ from fbalign.runner import Stop, run
 from fbalign.train import DivergedError, train
 
 from ..common import Context, fmt
-from ..lillicrap2016 import (
-    ETA_GRID,
-    FEEDBACK_RANGE,
-    TASK_SEED,
-    TEST,
-    VALIDATION,
-    WEIGHT_RANGE,
-    stream_task,
-    student,
-    train_online,
-    tune_eta,
-)
+from ..lillicrap2016 import FEEDBACK_RANGE, TASK_SEED, TEST, VALIDATION, WEIGHT_RANGE
+from ..toolkit import HALF_DECADES, pick_best, stream_task, student, train_online, tune_eta
 
-# Keys of the random streams (see lillicrap2016.stream_seed): initial weights use lillicrap2016.INIT = 1.
+# Keys of the random streams (see toolkit.stream_seed): initial weights use toolkit.INIT = 1.
 FEEDBACK = 2  # every run's fixed or starting B
 IMAGE_LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)  # SGD momentum 0.9: the grid every image condition is tuned on
-TEACHER_ETA_GRID = ETA_GRID  # η per example, 1e-5 … 1 in half decades: the grid every teacher condition is tuned on
+TEACHER_ETA_GRID = HALF_DECADES  # η per example, 1e-5 … 1 in half decades: the grid every teacher condition is tuned on
 IMAGE_BATCH = 128
 IMAGE_MOMENTUM = 0.9
 # plastic: Akrout et al.'s optimizer, plain SGD (their rate, 0.05, lies inside the grid). With momentum 0.9, W moves
@@ -49,9 +39,6 @@ IMAGE_MOMENTUM = 0.9
 PLASTIC_LR_GRID = (0.01, 0.03, 0.1, 0.3)
 PLASTIC_MOMENTUM = 0.0
 LILLICRAP_RMS = FEEDBACK_RANGE / math.sqrt(3.0)  # element rms of Lillicrap's B ~ U[-0.5, 0.5]
-
-# ----------------------------------------------------------------------------------------- per-experiment sizes
-
 
 # Every row has the seeds, the data and the training budget; "tiny" is the tests' (seconds, in this process).
 _TINY_IMAGE = {"image_train": 600, "image_validation": 150, "epochs": 1, "tune_epochs": 1, "data": "digits",
@@ -78,22 +65,6 @@ def sizes(table: dict[str, dict[str, Any]], ctx: Context) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
-
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the finite values (NaN, NaN when none; sd 0 for one value)."""
-    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if len(finite) == 0:
-        return math.nan, math.nan
-    return float(finite.mean()), float(finite.std(ddof=1)) if len(finite) > 1 else 0.0
-
-
-def pm(values: Sequence[float], digits: int = 3) -> str:
-    """``mean ± sd`` of ``values`` for a table (``n/m diverged`` appended when some are not finite)."""
-    mean, sd = mean_sd(values)
-    bad = sum(1 for v in values if v is None or not math.isfinite(v))
-    text = f"{fmt(mean, digits)} ± {fmt(sd, 2)}"
-    return text + (f" ({bad}/{len(values)} diverged)" if bad else "")
-
 
 def hidden_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The converted layers whose feedback carries an error, i.e. all but the first (whose input is the data)."""
@@ -341,8 +312,8 @@ def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module]
         if run is None:
             return None
         scores.append(math.inf if run["diverged"] else run["history"][-1]["val_error"])
-    best = int(np.argmin(scores))
-    lr = grid[best]
+    tuning = pick_best(grid, scores)
+    lr = tuning["value"]
     finals, trains, bests, curves, records = [], [], [], [], []
     for seed in range(seeds):
         run = train_image(ctx, make(seed), data, folder / f"seed{seed}", lr=lr, epochs=epochs, seed=seed,
@@ -362,7 +333,7 @@ def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module]
         records.append(run["records"])
     stacked = np.asarray(curves) if curves else np.full((1, epochs), math.nan)
     return {"lr": lr, "momentum": momentum, "tuning": {"grid": list(grid), "val_error": scores, "epochs": tune_epochs,
-                                 "at_grid_edge": best in (0, len(grid) - 1)},
+                                                     "at_grid_edge": tuning["at_grid_edge"]},
             "final": finals, "final_train": trains, "best": bests,
             "curve": {"epochs": list(range(1, epochs + 1)), "mean": stacked.mean(0),
                       "sd": stacked.std(0, ddof=1) if len(stacked) > 1 else np.zeros(stacked.shape[1])},
