@@ -188,6 +188,27 @@ def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, one_
     assert list(parallel) == list(conditions) and parallel == serial
 
 
+@pytest.mark.parametrize("task", ["linear", "nonlinear"])
+def test_teacher_condition_as_ensembles_trains_like_one_run_at_a_time(task):
+    """The tuning grid and the seeds are each one fbalign.Ensemble; in float64 every member scores and ends as the
+    same network trained alone by toolkit.tune_eta and train_online (a member that diverges scores +inf)."""
+    from fbalign.experiments.toolkit import train_online, tune_eta
+
+    data = oq.teacher_task(task, 300)
+
+    def make(seed):
+        return oq.fixed_b_model(data=data, seed=seed, task=task, name="uniform", rms=oq.LILLICRAP_RMS)
+
+    grid = (1e-3, 1e-2, 1e-1, 10.0)
+    together = oq.teacher_condition(make, data, examples=300, prefix=100, batch_size=10, seeds=3, grid=grid)
+    alone = tune_eta(lambda: make(0), "rule", data, examples=100, batch_size=10, grid=grid)
+    assert together["eta"] == alone["eta"]
+    assert together["tuning"]["scores"] == pytest.approx(alone["scores"], rel=1e-9)
+    finals = [train_online(make(seed), "rule", data, examples=300, eta=alone["eta"], batch_size=10,
+                           evaluations=50)["nse"][-1] for seed in range(3)]
+    assert together["final"] == pytest.approx(finals, rel=1e-9)
+
+
 def test_mirror_hook_is_removed_after_training(tmp_path, one_thread):
     data = oq.image_data(_context(tmp_path), oq.PLASTIC_SCALE["tiny"])
     model = oq.plastic_model(data, [8], "wm", 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fbalign
 from fbalign.data import TensorDataset, linear_teacher, load, load_digits, nonlinear_teacher, prepare
-from fbalign.metrics import load_records, measure_alignment
+from fbalign.metrics import load_records, measure_alignment, nse
 from fbalign.models import build as build_model
 from fbalign.runner import Stop, run
 from fbalign.train import DivergedError, train
 
 from ..common import Context, fmt
 from ..lillicrap2016 import FEEDBACK_RANGE, TASK_SEED, TEST, VALIDATION, WEIGHT_RANGE
-from ..toolkit import HALF_DECADES, pick_best, stream_task, student, train_online, tune_eta
+from ..toolkit import HALF_DECADES, pick_best, stream_task, student, tuning_score
 
 # Keys of the random streams (see toolkit.stream_seed): initial weights use toolkit.INIT = 1.
 FEEDBACK = 2  # every run's fixed or starting B
@@ -189,21 +190,71 @@ def teacher_student(kind: str, seed: int) -> nn.Module:
     return student((30, 20, 10, 10), "tanh", bias=True, seed=seed)
 
 
+def train_online_together(models: Sequence[nn.Module], data: TensorDataset, *, examples: int,
+                          etas: Sequence[float], batch_size: int, evaluations: int,
+                          score_on: str = "test") -> list[dict[str, list[float]] | None]:
+    """Train ``models`` (one architecture, one rule; their seeds differ) side by side as one
+    :class:`fbalign.Ensemble` on the first ``examples`` points of the stream, member ``e`` at ``etas[e]`` per example,
+    as :func:`toolkit.train_online` trains one: ``batch_size`` points per SGD step on the batch-mean ½‖e‖².
+
+    Returns per member ``examples`` and ``nse`` on ``score_on`` at ``evaluations + 1`` evenly spaced points, or None
+    for a member that diverged (its NSE or weights became NaN/Inf; the others train on).
+    """
+    with warnings.catch_warnings():  # a diverging member is expected on a tuning grid: it is recorded, not warned
+        warnings.simplefilter("ignore", fbalign.ensemble.MemberDivergedWarning)
+        return _train_online_together(models, data, examples=examples, etas=etas, batch_size=batch_size,
+                                      evaluations=evaluations, score_on=score_on)
+
+
+def _train_online_together(models: Sequence[nn.Module], data: TensorDataset, *, examples: int,
+                           etas: Sequence[float], batch_size: int, evaluations: int,
+                           score_on: str) -> list[dict[str, list[float]] | None]:
+    top = max(etas)
+    ensemble = fbalign.Ensemble(models, lr_scale=[eta / top for eta in etas])
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=top * batch_size)
+    steps = examples // batch_size
+    score_x, score_y = data.splits()[score_on]
+    evaluate_at = set(np.unique(np.linspace(0, steps, evaluations + 1).round().astype(int)).tolist())
+    curves: list[dict[str, list[float]]] = [{"examples": [], "nse": []} for _ in models]
+    diverged: set[int] = set()
+    for step in range(steps + 1):
+        if step in evaluate_at:
+            with torch.no_grad():
+                outputs = ensemble(score_x)
+            for e, curve in enumerate(curves):
+                curve["examples"].append(step * batch_size)
+                curve["nse"].append(float(nse(outputs[e], score_y)))
+                if not math.isfinite(curve["nse"][-1]) or e in ensemble.diverged:
+                    diverged.add(e)
+        if step == steps:
+            break
+        x, y = data.train_x[step * batch_size:(step + 1) * batch_size], data.train_y[step * batch_size:(step + 1) *
+                                                                                       batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        # the members' batch-mean losses summed: each member's gradient is its own loss's
+        (0.5 * (y - ensemble(x)).square().sum(-1).mean(-1)).sum().backward()
+        optimizer.step()
+    return [None if e in diverged else curve for e, curve in enumerate(curves)]
+
+
 def teacher_condition(make: Callable[[int], nn.Module], data: TensorDataset, *, examples: int, prefix: int,
                       batch_size: int, seeds: int, grid: Sequence[float] = TEACHER_ETA_GRID) -> dict[str, Any]:
-    """Tune η for ``make(0)`` on ``grid`` (:func:`tune_eta` on the stream's first ``prefix`` examples), then train
-    ``make(seed)`` for every seed on the whole stream at that η; the test NSE along the way.
+    """Tune η for ``make(0)`` on ``grid`` (every η at once, one ensemble member each, on the stream's first
+    ``prefix`` examples, scored like :func:`toolkit.tune_eta` on the validation points), then train ``make(seed)``
+    for every seed on the whole stream at that η (one ensemble); the test NSE along the way.
 
     Returns ``eta``, ``tuning``, ``final`` (test NSE per seed, NaN where a run diverged), ``speed`` (mean log10
     test NSE over the run, per seed: lower learns faster) and ``curve`` (examples, mean and sd of log10 NSE).
     """
-    tuning = tune_eta(lambda: make(0), "rule", data, examples=prefix, batch_size=batch_size, grid=grid)
+    tried = train_online_together([make(0) for _ in grid], data, examples=prefix, etas=grid, batch_size=batch_size,
+                                  evaluations=10, score_on="val")
+    best = pick_best(grid, [math.inf if c is None else tuning_score(c) for c in tried])
+    tuning = {"eta": best["value"], "grid": best["grid"], "scores": best["scores"], "prefix": prefix,
+              "at_grid_edge": best["at_grid_edge"]}
     finals, speeds, logs, points = [], [], [], None
-    for seed in range(seeds):
-        try:
-            curve = train_online(make(seed), "rule", data, examples=examples, eta=tuning["eta"],
-                                 batch_size=batch_size, evaluations=50)
-        except DivergedError:
+    for curve in train_online_together([make(seed) for seed in range(seeds)], data, examples=examples,
+                                       etas=[tuning["eta"]] * seeds, batch_size=batch_size, evaluations=50):
+        if curve is None:
             finals.append(math.nan)
             speeds.append(math.nan)
         else:
