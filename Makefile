@@ -12,7 +12,7 @@ BIN     = $(VENV)/bin
 $(BIN)/fbalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
 	touch $@
 
 setup: $(BIN)/fbalign

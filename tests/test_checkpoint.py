@@ -51,3 +51,16 @@ def test_rng_state_round_trip_restores_every_stream(tmp_path):
     assert draws() == expected
     with pytest.raises(ValueError, match="1 generator state"):
         checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])
+
+
+def test_an_unreadable_checkpoint_names_the_file_and_how_to_start_over(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save({"step": 3, "w": torch.ones(100)}, path)
+    path.write_bytes(path.read_bytes()[:200])  # cut short, as by a full disk
+    with pytest.raises(checkpoint.CheckpointError, match=rf"cannot read the checkpoint {path} .*truncated.*rm {path}"):
+        checkpoint.load(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
+        checkpoint.load(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "missing.pt")

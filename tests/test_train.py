@@ -302,3 +302,21 @@ def test_a_stopped_run_resumes_to_the_same_weights_bit_for_bit(reference_run, tm
     for records in ("steps.jsonl", "alignment.jsonl"):  # records past the checkpoint were not duplicated
         steps = [json.loads(line)["step"] for line in (run / records).read_text().splitlines()]
         assert steps == list(range(10, total + 1, 10)), records
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other version"])
+def test_resume_from_an_unreadable_checkpoint_says_how_to_start_over(tmp_path, capsys, damage):
+    config, run = tmp_path / "c.toml", tmp_path / "run"
+    config.write_text('epochs = 1\nthreads = 1\n[model]\nname = "mlp"\nhidden = [8]\n[data]\nname = "digits"\n'
+                      '[log]\nprogress = false\n')
+    assert main(["train", str(config), "--out", str(run)]) == 0
+    path = run / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        checkpoint.save({**checkpoint.load(path), "format": 99}, path)
+    capsys.readouterr()
+    assert main(["train", str(config), "--out", str(run), "--resume", "--set", "epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {run}" in err and str(path) in err and f"rm -r {run}" in err, err
+    assert "Traceback" not in err

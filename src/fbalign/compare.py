@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg.name or 'run'}"
         outcomes = compare(cfg, rules, args.seeds, out_dir=out, jobs=args.jobs, resume=args.resume,
                            executor=args.executor, address=args.address)
-    except (ConfigError, RunDirectoryError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, RunDirectoryError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

@@ -14,8 +14,9 @@ steps and, when it is set, save what they have and return (:func:`fbalign.train.
 Ctrl-C or SIGTERM sent to this process (alone, or to its whole process group) requests the stop: jobs not yet
 started never start, running ones finish their current step, checkpoint and return, and once every worker has
 ended :func:`run` raises :class:`Interrupted` (a ``KeyboardInterrupt``) carrying the results it got. A second
-Ctrl-C raises at once without waiting. Workers ignore SIGINT and SIGTERM themselves: the parent decides, so a
-Ctrl-C in the terminal (which reaches every process of the group) cannot kill a worker mid-write.
+Ctrl-C raises ``KeyboardInterrupt`` at once (the workers, told to stop, still end after their current step).
+Workers ignore SIGINT and SIGTERM themselves: the parent decides, so a Ctrl-C in the terminal (which reaches
+every process of the group) cannot kill a worker mid-write.
 
 Ensembles of small runs that can be stacked into one vectorised model stay in one process
 (:class:`fbalign.Ensemble`); the runner is for what cannot be stacked.
@@ -257,7 +258,9 @@ def _run_processes(function: Callable, jobs: list[Any], stop: Stop, results: dic
     try:
         stop._shared = manager.Event()
         stop._publish()
-        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_signals) as pool:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_signals)
+        waiting = True
+        try:
             futures = {pool.submit(_call, function, job, stop): i for i, job in enumerate(jobs)}
             pending = set(futures)
             while pending:
@@ -279,6 +282,13 @@ def _run_processes(function: Callable, jobs: list[Any], stop: Stop, results: dic
                     for future in pending:
                         future.cancel()  # jobs still queued here never start
                     pending = {f for f in pending if not f.cancelled()}
+        except BaseException:  # a second Ctrl-C: tell the workers and return without waiting for them
+            stop._mark("SIGINT")
+            stop._publish()
+            waiting = False
+            raise
+        finally:
+            pool.shutdown(wait=waiting, cancel_futures=True)
     finally:
         stop._look()  # a worker may have asked in the last moments
         stop._shared = None

@@ -168,6 +168,18 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         print(f"error: --nproc {args.nproc}: give at least 1 process", file=sys.stderr)
         return 2
+    try:  # the checks every rank would make, once and before torchrun's own report of failed ranks
+        cfg = load_config(args.config, args.overrides)
+        if cfg.batch_size % args.nproc:
+            raise ConfigError(f"batch_size = {cfg.batch_size} is the global batch and must split evenly over the "
+                              f"{args.nproc} processes of --nproc; choose a multiple of {args.nproc}")
+        if resolve_device(cfg.device).type == "cuda" and torch.cuda.device_count() < args.nproc:
+            raise ConfigError(f"--nproc {args.nproc} on the GPU needs {args.nproc} GPUs (nccl: one per process); "
+                              f"this machine has {torch.cuda.device_count()}: lower --nproc, or train on the CPU "
+                              "with gloo (--set device=cpu)")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
             "-m", "fbalign", "train", str(args.config), *[f"--set={o}" for o in args.overrides]]
     argv += [f"--out={args.out}"] if args.out else []
