@@ -141,22 +141,26 @@ def test_choose_prefers_validation_error_then_loss_and_never_a_diverged_rate():
     assert liao2016._choose([{"status": "diverged"}, {"status": "diverged"}]) == 0
 
 
-def test_lenet_cells_on_resized_digits_and_parallel_workers(one_thread, tmp_path):
-    """LeNet-5 trains on digits resized to 28×28 with BatchNorm; runs go to two worker processes and give the
-    numbers they give in this one."""
+def test_lenet_cells_on_resized_digits(one_thread, tmp_path):
+    """LeNet-5 trains on digits resized to 28×28 with BatchNorm."""
     ctx = _context(tmp_path)
     assert liao2016.cell_config(ctx, liao2016.Cell("k", "lenet5", "usf", True, "sgd"), 0.1, 0)["data"]["size"] == 28
-    cells = [liao2016.Cell("lenet-bn", "lenet5", "frsf", True, "sgd")]
-    parallel = liao2016.run_cells(ctx, "lenet", cells, {**TINY, "workers": 2})
-    cell = parallel["lenet-bn"]
+    cell = liao2016.run_cells(ctx, "lenet", [liao2016.Cell("lenet-bn", "lenet5", "frsf", True, "sgd")])["lenet-bn"]
     assert len(cell["tuning"]) == 2 and len(cell["runs"]) == 2
     assert all(o["status"] == "finished" for o in cell["runs"]) and cell["test_error"]["n"] == 2
-    serial = liao2016.run_cells(_context(tmp_path, out_dir=tmp_path / "serial"), "lenet", cells)
+
+
+def test_parallel_workers_give_the_serial_numbers(one_thread, tmp_path):
+    """Runs go to two worker processes (fbalign.runner) and give the numbers they give in this one, in order."""
+    cells = [liao2016.Cell("mlp-fa", "mlp", "fa", True, "sgd"), liao2016.Cell("mlp-usf", "mlp", "usf", False, "bm")]
+    setup = {**TINY, "epochs": {"mlp": 1, "lenet5": 1}, "train_size": {"digits": 256}}
+    parallel = liao2016.run_cells(_context(tmp_path), "p", cells, {**setup, "workers": 2})
+    serial = liao2016.run_cells(_context(tmp_path, out_dir=tmp_path / "serial"), "p", cells, setup)
 
     def numbers(found):
-        return [{k: v for k, v in o.items() if k != "seconds"} for o in found["lenet-bn"]["runs"]]
+        return {k: [{n: v for n, v in o.items() if n != "seconds"} for o in c["runs"]] for k, c in found.items()}
 
-    assert numbers(serial) == numbers(parallel)
+    assert numbers(serial) == numbers(parallel) and list(parallel) == ["mlp-fa", "mlp-usf"]
 
 
 def test_bad_data_name_fails_clearly(tmp_path):

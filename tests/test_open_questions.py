@@ -180,7 +180,7 @@ def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, one_
     size = oq.FIXED_B_SCALE["tiny"]
     conditions = {kind: {"task": "nonlinear", "examples": 200, "prefix": 50,
                          "make": functools.partial(oq.fixed_b_model, task="nonlinear", name=kind, rms=0.3)}
-                  for kind in ("uniform", "sign(W0)", "orthogonal")}
+                  for kind in ("uniform", "sign(W0)")}
     conditions["image"] = {"task": "image", "folder": ("image",),
                            "make": functools.partial(oq.fixed_b_model, task="image", name="uniform", hidden=[8])}
     serial = common._to_json(oq.run_conditions(_context(tmp_path, out_dir=tmp_path / "serial"), size, conditions))
