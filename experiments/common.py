@@ -25,14 +25,21 @@ A paper module defines three names (``experiments/lillicrap2016.py`` is the work
   its results alone: figures, our numbers beside the paper's (:meth:`Report.comparison`), and a plain statement of
   where and why they differ.
 * ``needs`` names experiments whose results (or files) this one reads; they run first when selected or missing.
+* ``claims(results) -> list[Claim]`` (optional) states the experiment's verdicts as data: each row the quantity,
+  our number, the paper's, the criterion and the verdict. ``report`` renders them (:meth:`Report.claims`) and tests
+  check them, so no verdict hides in the prose.
+* ``plot(results, ctx)`` (optional) draws the experiment's figures from its results alone (setting
+  ``results['figure']``); with it, ``reproduce`` calls it after ``run`` and :func:`replot` (``fbalign reproduce
+  PAPER --replot``) redraws every figure and report.md from results.json without training.
 
 :func:`reproduce` runs the selected experiments in order, writes ``results.json`` (atomically) after each one,
 and rewrites ``report.md`` each time, so a killed run loses nothing it had finished; ``resume=True`` reuses the
 experiments already in ``results.json`` (same scale, seeds and data, else it refuses, naming what differs).
 
 Scale: ``quick`` fits the README's main job (minutes on 2 CPU cores, fewer runs and steps, said so in the report);
-``full`` is the paper's scale. Experiments choose their sizes with :meth:`Context.pick` and their number of runs
-with :meth:`Context.runs` (``--seeds N`` overrides it).
+``full`` is the paper's scale; ``tiny`` is the tests' (seconds). Experiments keep their sizes in a scale table, one
+row per scale, read with :meth:`Context.row` (``--seeds N`` overrides its ``runs``; a table without a ``tiny`` row
+gives its ``quick`` row), or choose with :meth:`Context.pick` and :meth:`Context.runs`.
 """
 
 from __future__ import annotations
@@ -59,12 +66,12 @@ from tqdm.auto import tqdm
 from fbalign import __version__
 from fbalign.checkpoint import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Context", "Experiment", "Report", "ReproductionError", "reproduce", "select", "load_results",
-           "render_report", "fmt", "welch_p", "torch_threads", "RESULTS", "REPORT", "SCALES"]
+__all__ = ["Context", "Experiment", "Claim", "Report", "ReproductionError", "reproduce", "replot", "select",
+           "load_results", "render_report", "fmt", "welch_p", "torch_threads", "RESULTS", "REPORT", "SCALES"]
 
 RESULTS = "results.json"
 REPORT = "report.md"
-SCALES = ("quick", "full")
+SCALES = ("quick", "full", "tiny")  # tiny: the tests' scale, not offered on the command line
 _T = TypeVar("_T")
 
 
@@ -78,7 +85,7 @@ class Context:
 
     Attributes:
         paper: the paper's name in ``PAPERS``.
-        scale: ``'quick'`` (fewer runs and steps) or ``'full'`` (the paper's scale).
+        scale: ``'quick'`` (fewer runs and steps), ``'full'`` (the paper's scale) or ``'tiny'`` (the tests').
         out_dir: the output folder (figures, results.json, report.md, experiment folders).
         seeds: number of runs per condition, overriding each experiment's default; None keeps the defaults.
         device: where the experiments that train sizeable networks run (small online-learning tasks stay on the
@@ -91,7 +98,7 @@ class Context:
 
     paper: str
     out_dir: Path
-    scale: Literal["quick", "full"] = "quick"
+    scale: Literal["quick", "full", "tiny"] = "quick"
     seeds: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     data: str | None = None
@@ -108,10 +115,19 @@ class Context:
 
     @property
     def quick(self) -> bool:
-        return self.scale == "quick"
+        """Below the paper's scale (quick or tiny)."""
+        return self.scale != "full"
+
+    def row(self, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """This scale's row of an experiment's scale table (a copy; the ``quick`` row at ``tiny`` scale when the
+        table has no ``tiny`` row), its ``runs`` replaced by ``--seeds`` when given."""
+        found = dict(table[self.scale] if self.scale in table else table["quick"])
+        if self.seeds is not None and "runs" in found:
+            found["runs"] = self.seeds
+        return found
 
     def pick(self, quick: _T, full: _T) -> _T:
-        """``quick`` or ``full``, by the scale."""
+        """``quick`` (at quick and tiny scale) or ``full``, by the scale."""
         return quick if self.quick else full
 
     def runs(self, quick: int, full: int) -> int:
@@ -148,7 +164,8 @@ class Experiment:
     """One experiment of a paper: ``run(ctx) -> results`` and ``report(results, section, ctx)`` (see the module
     docstring); ``needs`` lists experiments to run before it; ``threads`` sets torch's intra-op CPU threads while it
     runs (1 for tiny networks trained an example at a time, where handing work between threads costs more than
-    the work; None leaves torch's default)."""
+    the work; None leaves torch's default); ``claims(results)`` its verdicts as :class:`Claim` rows; ``plot(results,
+    ctx)`` its figures from its results alone (then ``run`` draws none: ``reproduce`` and :func:`replot` call it)."""
 
     name: str
     title: str
@@ -156,6 +173,38 @@ class Experiment:
     report: Callable[[dict[str, Any], Report, Context], None]
     needs: tuple[str, ...] = ()
     threads: int | None = None
+    claims: Callable[[dict[str, Any]], list[Claim]] | None = None
+    plot: Callable[[dict[str, Any], Context], None] | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One verdict of a reproduction, as data: our number beside the paper's and the criterion that judges it.
+
+    Attributes:
+        quantity: what is compared, in words (a table row's label).
+        ours: our number (or a short text such as ``'1.2 ± 0.3'``).
+        paper: the paper's number or statement (``'–'`` where it gives none).
+        criterion: what counts as agreement, e.g. ``'≤ 1 point'``, ``'< 60°'``; empty where there is no verdict.
+        verdict: True (agrees), False (disagrees) or None (no verdict: other data, or a number read off a figure).
+        note: why the criterion, or what else to know.
+    """
+
+    quantity: str
+    ours: Any
+    paper: Any
+    criterion: str = ""
+    verdict: bool | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict is not None:  # NumPy bools are bools to JSON and to a reader, not to isinstance
+            object.__setattr__(self, "verdict", bool(self.verdict))
+
+    def row(self) -> dict[str, Any]:
+        """As a JSON-able dict."""
+        return {"quantity": self.quantity, "ours": self.ours, "paper": self.paper, "criterion": self.criterion,
+                "verdict": self.verdict, "note": self.note}
 
 
 @contextmanager
@@ -230,6 +279,12 @@ class Report:
         self.table(["quantity", "here", "paper", "", "note"],
                    [(q, ours, paper, marks[agrees], note) for q, ours, paper, agrees, note in rows])
 
+    def claims(self, claims: Iterable[Claim]) -> None:
+        """The verdicts of :class:`Claim` rows as a table: quantity, ours, the paper's, the criterion, ✓ / ✗."""
+        marks = {True: "✓", False: "✗", None: ""}
+        self.table(["quantity", "here", "paper", "criterion", "", "note"],
+                   [(c.quantity, c.ours, c.paper, c.criterion, marks[c.verdict], c.note) for c in claims])
+
     def markdown(self) -> str:
         return "\n\n".join(self.blocks) + "\n"
 
@@ -240,7 +295,9 @@ def render_report(module: Any, results: dict[str, Any], ctx: Context) -> str:
     report = Report()
     report.heading(f"Reproduction: {module.TITLE}", 1)
     header = results.get("header", {})
-    scale_note = ("**Quick mode**: fewer runs and training steps than the paper, so that the whole reproduction "
+    scale_note = ("**Tiny mode**: the tests' scale; the numbers show that the code runs, not the paper's results."
+                  if ctx.scale == "tiny" else
+                  "**Quick mode**: fewer runs and training steps than the paper, so that the whole reproduction "
                   "takes minutes on a laptop CPU; the qualitative picture is the paper's, the numbers are not yet "
                   "at the paper's scale. `--full` runs at the paper's scale."
                   if ctx.quick else "**Full mode**: the paper's scale (number of runs and training length), except "
@@ -359,6 +416,8 @@ def reproduce(module: Any, ctx: Context, only: Sequence[str] | None = None, *, o
         start = time.perf_counter()
         with torch_threads(experiment.threads):
             found = _to_json(experiment.run(ctx))
+        if experiment.plot is not None:
+            experiment.plot(found, ctx)
         found["seconds"] = time.perf_counter() - start
         finished[experiment.name] = found
         _write(module, results, ctx)
@@ -377,3 +436,33 @@ def _write(module: Any, results: dict[str, Any], ctx: Context) -> None:
     finished.update(ordered)
     atomic_write_text(ctx.out_dir / RESULTS, json.dumps(results, indent=1, allow_nan=True) + "\n")
     atomic_write_text(ctx.out_dir / REPORT, render_report(module, results, ctx))
+
+
+def replot(module: Any, ctx: Context) -> dict[str, Any]:
+    """Redraw the figures of every experiment in ``ctx.out_dir``'s results.json that has a ``plot``, and rewrite
+    report.md, from results.json alone (nothing trains). ``ctx``'s scale, seeds and data are taken from the saved
+    settings. Returns the results; raises ``ReproductionError`` when there are none, naming experiments whose
+    figures cannot be redrawn (they have no ``plot``) in a warning.
+    """
+    results = load_results(ctx.out_dir)
+    if not results.get("experiments"):
+        raise ReproductionError(f"{ctx.out_dir / RESULTS} holds no finished experiments to redraw; run the "
+                                "reproduction first")
+    saved = results.get("settings", {})
+    for key in ("scale", "seeds", "data", "data_dir"):
+        if key in saved:
+            setattr(ctx, key, saved[key])
+    by_name = {e.name: e for e in module.EXPERIMENTS}
+    unknown = [name for name in results["experiments"] if name not in by_name]
+    if unknown:
+        raise ReproductionError(f"{ctx.out_dir / RESULTS} holds {', '.join(unknown)}, which "
+                                f"{module.__name__.rsplit('.')[-1]} does not define: another paper's results?")
+    fixed = [name for name in results["experiments"] if by_name[name].plot is None]
+    if fixed:
+        warnings.warn(f"{', '.join(fixed)}: no plot function, so the figures saved with the results are kept",
+                      stacklevel=2)
+    for name, found in results["experiments"].items():
+        if by_name[name].plot is not None:
+            by_name[name].plot(found, ctx)
+    atomic_write_text(ctx.out_dir / REPORT, render_report(module, results, ctx))
+    return results

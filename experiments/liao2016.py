@@ -24,11 +24,9 @@ learning-rate grids) and one table per experiment (models, rules, concordance le
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import json
 import math
-import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,12 +40,13 @@ from scipy import stats
 
 import fbalign
 from fbalign.checkpoint import atomic_write_text
-from fbalign.compare import plan_parallelism
 from fbalign.config import load_config
 from fbalign.data import TensorDataset
+from fbalign.runner import Stop, run
 from fbalign.train import CHECKPOINT, DivergedError, RunDirectoryError, build_model, load_data, train
 
-from .common import Context, Experiment, Report, ReproductionError, fmt, load_results, welch_p
+from .common import Claim, Context, Experiment, Report, ReproductionError, fmt, load_results, welch_p
+from .toolkit import new_figure, summary
 
 TITLE = ("Liao, Leibo & Poggio (2016), *How Important Is Weight Symmetry in Backpropagation?*, AAAI-16 "
          "(arXiv 1510.05067)")
@@ -85,28 +84,35 @@ COLORS = {"backprop": "black", "usf": "tab:blue", "frsf": "tab:orange", "brsf": 
 # The training budget and learning-rate policy of every cell, per scale.
 TRAINING: dict[str, dict[str, Any]] = {
     "quick": {"data": "digits", "epochs": {"mlp": 20, "lenet5": 10}, "batch_size": 32, "seeds": 3,
-              "hidden": [256, 256, 256], "checkpoints": False,
+              "hidden": [256, 256, 256], "checkpoints": False, "workers": None,
               # --quick --data fashion-mnist (or mnist): the quick budget on 10,000 training examples
               "train_size": {"digits": None, "fashion-mnist": 10_000, "mnist": 10_000},
               "lr_grid": {"sgd": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), "bm": (1e-5, 1e-4, 1e-3, 1e-2)}},
     "full": {"data": "fashion-mnist", "epochs": {"mlp": 20, "lenet5": 20}, "batch_size": 64, "seeds": 5,
-             "hidden": [256, 256, 256], "checkpoints": True,
+             "hidden": [256, 256, 256], "checkpoints": True, "workers": None,
              "train_size": {"digits": None, "fashion-mnist": None, "mnist": None},
              "lr_grid": {"sgd": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), "bm": (1e-5, 1e-4, 1e-3, 1e-2)}},
+    # the tests' size: seconds per experiment, in this process
+    "tiny": {"data": "digits", "epochs": {"mlp": 2, "lenet5": 1}, "batch_size": 64, "seeds": 2, "hidden": [32, 32],
+             "checkpoints": False, "train_size": {"digits": 512, "fashion-mnist": 512, "mnist": 512}, "workers": 1,
+             "lr_grid": {"sgd": (1e-2, 1e-1), "bm": (1e-3,)}},
 }
 VALIDATION = {"digits": 300, "fashion-mnist": 10_000, "mnist": 10_000}  # training examples held out for tuning
 MOMENTUM = 0.9  # SGD's and Batch Manhattan's (which applies it to the sign, as in Xiao et al.'s code)
 CHANCE_MARGIN = 10.0  # a run whose test error is within this many points of chance's has collapsed
 SIGNIFICANCE = 0.05  # Welch t-tests over seeds
-JOBS: int | None = None  # parallel training processes; None: one per CPU core (one on a GPU); 1: in this process
+JOBS: int | None = None  # training processes, overriding the scale row's "workers" (None: one per CPU core)
 
 MAGNITUDE_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": RULES},
-                   "full": {"models": ("mlp", "lenet5"), "rules": RULES}}
+                   "full": {"models": ("mlp", "lenet5"), "rules": RULES},
+                   "tiny": {"models": ("mlp",), "rules": RULES}}
 CONCORDANCE_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": ("usf",), "p": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)},
                      "full": {"models": ("mlp", "lenet5"), "rules": ("usf", "frsf"),
-                              "p": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)}}
+                              "p": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)},
+                     "tiny": {"models": ("mlp",), "rules": ("usf",), "p": (0.5, 0.75, 1.0)}}
 GRID_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": RULES},
-              "full": {"models": ("mlp", "lenet5"), "rules": RULES}}
+              "full": {"models": ("mlp", "lenet5"), "rules": RULES},
+              "tiny": {"models": ("mlp",), "rules": ("backprop", "usf", "frsf")}}
 
 # The paper's feedback for the BN × BM grid: the bare sign(W) (fbalign's sign rules scale it by rms(W) unless
 # scale is set), with magnitudes M in [0, 1] for frsf and brsf. backprop and fa are as everywhere.
@@ -142,29 +148,31 @@ def data_name(ctx: Context) -> str:
     return name
 
 
-def data_section(ctx: Context, model: str) -> dict[str, Any]:
+def data_section(ctx: Context, model: str, setup: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``[data]`` table of a run: a validation split for tuning, inputs standardized, digits resized to 28×28
-    for LeNet-5 (which takes 28 or 32 pixels)."""
-    name = data_name(ctx)
+    for LeNet-5 (which takes 28 or 32 pixels); ``setup`` is a ``TRAINING`` row (None: the scale's)."""
+    name, setup = data_name(ctx), setup or TRAINING[ctx.scale]
     section: dict[str, Any] = {"name": name, "validation": VALIDATION[name], "normalize": True}
     if name == "digits" and model == "lenet5":
         section["size"] = 28
     if ctx.data_dir is not None and name != "digits":
         section["dir"] = ctx.data_dir
-    if TRAINING[ctx.scale]["train_size"].get(name) is not None:
-        section["train_size"] = TRAINING[ctx.scale]["train_size"][name]
+    if setup["train_size"].get(name) is not None:
+        section["train_size"] = setup["train_size"][name]
     return section
 
 
-def cell_config(ctx: Context, cell: Cell, lr: float, seed: int) -> dict[str, Any]:
-    """The full training configuration of one run of ``cell``: the same budget for every cell."""
-    setup = TRAINING[ctx.scale]
+def cell_config(ctx: Context, cell: Cell, lr: float, seed: int, setup: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The full training configuration of one run of ``cell``: the same budget for every cell (``setup``: a
+    ``TRAINING`` row; None: the scale's)."""
+    setup = setup or TRAINING[ctx.scale]
     model: dict[str, Any] = {"name": cell.model, "batchnorm": cell.batchnorm}
     if cell.model == "mlp":
         model["hidden"] = list(setup["hidden"])
     return {"name": f"liao2016-{cell.key}", "seed": seed, "device": str(ctx.device),
             "epochs": setup["epochs"][cell.model], "batch_size": setup["batch_size"], "threads": 1,
-            "rule": cell.rule, "model": model, "data": data_section(ctx, cell.model),
+            "rule": cell.rule, "model": model, "data": data_section(ctx, cell.model, setup),
             "optimizer": {"name": cell.optimizer, "lr": lr, "momentum": MOMENTUM},
             "schedule": {"name": "cosine"}, "log": {"progress": False}}
 
@@ -175,9 +183,10 @@ def _prepared(data_json: str) -> TensorDataset:
     return load_data(load_config({"data": json.loads(data_json)}))
 
 
-def _train_job(job: dict[str, Any]) -> dict[str, Any]:
+def _train_job(job: dict[str, Any], stop: Stop) -> dict[str, Any] | None:
     """Train one run (in a worker process or this one) and return its outcome, also kept in ``folder/outcome.json``
-    so that a resumed reproduction reuses it. A divergence is an outcome, not an error."""
+    so that a resumed reproduction reuses it. A divergence is an outcome, not an error; a run stopped by ``stop``
+    returns None (its checkpoint stays for --resume)."""
     folder = Path(job["folder"])
     if (folder / OUTCOME).exists():
         if not job["resume"]:
@@ -190,15 +199,18 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
                                "chance_error": 100.0 * (1.0 - 1.0 / data.num_classes)}
     try:
         result = train(config, data=data, run_dir=folder if job["checkpoints"] else None,
-                       resume=job["resume"] and job["checkpoints"], handle_signals=False)
-        final = result.final
-        outcome.update(status="finished", val_error=final["val_error"], val_loss=final["val_loss"],
-                       test_error=final["test_error"], train_loss=final["train_loss"],
-                       train_error=final["train_error"], test_curve=[h["test_error"] for h in result.history])
+                       resume=job["resume"] and job["checkpoints"], stop=stop)
     except DivergedError as e:
         outcome.update(status="diverged", message=str(e).split(";")[0])
     except RunDirectoryError as e:  # an unfinished run of a killed reproduction
         raise ReproductionError(f"{e}; add --resume to continue it, or --overwrite") from None
+    else:
+        if result.status != "finished":
+            return None
+        final = result.final
+        outcome.update(status="finished", val_error=final["val_error"], val_loss=final["val_loss"],
+                       test_error=final["test_error"], train_loss=final["train_loss"],
+                       train_error=final["train_error"], test_curve=[h["test_error"] for h in result.history])
     outcome["seconds"] = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / OUTCOME, json.dumps(outcome) + "\n")
@@ -206,33 +218,13 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def _train_all(ctx: Context, jobs: list[dict[str, Any]], pool: cf.Executor | None, desc: str) -> list[dict]:
-    """Every job's outcome, in order: in ``pool`` when there is one, else one after another here."""
-    outcomes: list[dict[str, Any] | None] = [None] * len(jobs)
-    with ctx.bar(total=len(jobs), desc=desc, unit="run") as bar:
-        if pool is None:
-            for i, job in enumerate(jobs):
-                outcomes[i] = _train_job(job)
-                bar.update()
-        else:
-            futures = {pool.submit(_train_job, job): i for i, job in enumerate(jobs)}
-            for future in cf.as_completed(futures):
-                outcomes[futures[future]] = future.result()
-                bar.update()
-    return outcomes  # type: ignore[return-value]
-
-
-def _terminate(pool: cf.ProcessPoolExecutor) -> None:
-    """Kill ``pool``'s workers: ``shutdown`` alone would wait for every running training to finish, and a SIGTERM
-    sent to this process alone never reaches them. A killed run continues from its last checkpoint on --resume."""
-    if hasattr(pool, "terminate_workers"):  # Python 3.14: cancels what is queued and shuts down itself
-        pool.terminate_workers()  # (not after shutdown: that forgets the processes it would kill)
-        return
-    # Earlier Pythons have no public way; shutdown forgets the processes, so take them first.
-    workers = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        process.terminate()
+def _train_all(jobs: list[dict[str, Any]], workers: int | None) -> list[dict[str, Any]]:
+    """Every job's outcome, in order, by :func:`fbalign.runner.run` (``workers`` processes; 1: in this one).
+    Ctrl-C or SIGTERM stops every run, keeping what finished, and raises KeyboardInterrupt."""
+    outcomes = run(_train_job, jobs, workers=workers, executor="inline" if workers == 1 else "process")
+    if any(o is None for o in outcomes):  # a run stopped without the runner seeing a signal
+        raise KeyboardInterrupt("a training run was stopped; continue with --resume")
+    return outcomes
 
 
 def collapse_kind(outcome: dict[str, Any]) -> str | None:
@@ -256,46 +248,30 @@ def _choose(tuning: Sequence[dict[str, Any]]) -> int:
     return min(finished, key=key)
 
 
-def summary_stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample sd (0 for one value), n and the values; NaN mean for none."""
-    array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()) if len(array) else math.nan,
-            "sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0 if len(array) else math.nan,
-            "n": len(array), "values": array.tolist()}
-
-
-def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
-    """Train every cell: each rate of its optimizer's grid at seed 0, then the other seeds at the chosen rate.
+def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell], setup: dict[str, Any] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Train every cell: each rate of its optimizer's grid at seed 0, then the other seeds at the chosen rate, all
+    with the budget of ``setup`` (a ``TRAINING`` row; None: the scale's).
 
     Returns, per cell key: the settings, the tuning runs, the chosen rate (and whether it lies at the grid's edge),
     every seed's outcome, test error mean ± sd over the seeds that did not diverge, and which runs collapsed.
     """
-    setup = TRAINING[ctx.scale]
+    setup = setup or TRAINING[ctx.scale]
     seeds = ctx.runs(setup["seeds"], setup["seeds"])
     grids = setup["lr_grid"]
 
     def job(cell: Cell, lr: float, seed: int) -> dict[str, Any]:
-        return {"config": cell_config(ctx, cell, lr, seed), "folder": str(ctx.folder(experiment, cell.key) /
+        return {"config": cell_config(ctx, cell, lr, seed, setup), "folder": str(ctx.folder(experiment, cell.key) /
                                                                               f"lr{lr:g}-seed{seed}"),
                 "checkpoints": setup["checkpoints"], "resume": ctx.resume}
 
-    tuning_jobs = [job(cell, lr, 0) for cell in cells for lr in grids[cell.optimizer]]
-    processes, _ = plan_parallelism(len(tuning_jobs), str(ctx.device), JOBS)
-    pool = (cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-            if processes > 1 else None)
-    try:
-        tuned = iter(_train_all(ctx, tuning_jobs, pool, f"{experiment}: tuning"))
-        tuning = {cell.key: [next(tuned) for _ in grids[cell.optimizer]] for cell in cells}
-        chosen = {cell.key: grids[cell.optimizer][_choose(tuning[cell.key])] for cell in cells}
-        seed_jobs = [job(cell, chosen[cell.key], seed) for cell in cells for seed in range(1, seeds)]
-        trained = iter(_train_all(ctx, seed_jobs, pool, f"{experiment}: seeds"))
-    except BaseException:  # Ctrl-C or SIGTERM: stop the workers too (finished runs' outcomes are on disk)
-        if pool is not None:
-            _terminate(pool)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    # One process per core on the CPU, one on a GPU (its runs share it badly); the scale row or JOBS may say.
+    workers = JOBS or setup.get("workers") or (1 if ctx.device.type != "cpu" else None)
+    tuned = iter(_train_all([job(cell, lr, 0) for cell in cells for lr in grids[cell.optimizer]], workers))
+    tuning = {cell.key: [next(tuned) for _ in grids[cell.optimizer]] for cell in cells}
+    chosen = {cell.key: grids[cell.optimizer][_choose(tuning[cell.key])] for cell in cells}
+    trained = iter(_train_all([job(cell, chosen[cell.key], seed) for cell in cells for seed in range(1, seeds)],
+                              workers))
     results = {}
     for cell in cells:
         grid = list(grids[cell.optimizer])
@@ -310,7 +286,7 @@ def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell]) -> dict[str,
             "rates_that_train": sum(collapse_kind(o) is None for o in tuning[cell.key]),
             "runs": runs, "collapse": kinds, "collapsed_runs": sum(k is not None for k in kinds),
             "collapsed": sum(k is not None for k in kinds) > len(runs) / 2,
-            "test_error": summary_stats([o["test_error"] for o in runs if o["status"] == "finished"]),
+            "test_error": summary([o["test_error"] for o in runs if o["status"] == "finished"]),
         }
     return results
 
@@ -326,7 +302,7 @@ def _settings(ctx: Context) -> dict[str, Any]:
 
 
 def _errors(cell: dict[str, Any]) -> list[float]:
-    return cell["test_error"]["values"]
+    return cell["test_error"]["runs"]
 
 
 def _mean_sd(cell: dict[str, Any]) -> str:
@@ -352,14 +328,6 @@ def _settings_text(s: dict[str, Any], what: str) -> str:
             "chance.")
 
 
-def _new_figure(width: float, height: float, panels: int) -> tuple[Any, list[Any]]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    axes = figure.subplots(1, panels, squeeze=False)[0]
-    return figure, list(axes)
-
-
 # ------------------------------------------------------------------------------------------------ magnitudes
 
 def run_magnitudes(ctx: Context) -> dict[str, Any]:
@@ -383,12 +351,11 @@ def run_magnitudes(ctx: Context) -> dict[str, Any]:
                                   "p": welch_p(_errors(cell[r]), _errors(bp))}
                               for r in cell if r != "backprop"}
         results["tests"][m] = tests
-    results["figure"] = _plot_magnitudes(ctx, results)
     return results
 
 
-def _plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
-    figure, (ax,) = _new_figure(6.4, 3.6, 1)
+def plot_magnitudes(results: dict[str, Any], ctx: Context) -> None:
+    figure, ax = new_figure(6.4, 3.6)
     rules, models = results["rules"], results["models"]
     width = 0.8 / len(models)
     x = np.arange(len(rules))
@@ -400,7 +367,7 @@ def _plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
         ax.bar(offset, means, width * 0.92, yerr=sds, capsize=3, color=COLORS.get(m), alpha=0.75,
                label=MODEL_LABELS.get(m, m))
         for xi, c in zip(offset, cells):
-            values = c["test_error"]["values"]
+            values = c["test_error"]["runs"]
             ax.plot([xi] * len(values), values, "k.", markersize=3)
     ax.set_xticks(x, [LABELS[r] for r in rules])
     s = results["settings"]
@@ -408,7 +375,43 @@ def _plot_magnitudes(ctx: Context, results: dict[str, Any]) -> str:
     ax.set(ylabel="test error (%)", title=f"{s['data']}{subset}: BN + SGD, mean ± sd over seeds")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
-    return ctx.save_figure(figure, "magnitudes.png")
+    results["figure"] = ctx.save_figure(figure, "magnitudes.png")
+
+
+def claims_magnitudes(results: dict[str, Any]) -> list[Claim]:
+    """The paper's magnitudes claims against ours, per model: the sign rules alike, random magnitudes not worse
+    than BP, FA above chance but below BP (two-sided Welch tests over seeds at ``SIGNIFICANCE``)."""
+    rows = []
+    for m in results["models"]:
+        tests, cells, label = results["tests"][m], {r: results["cells"][f"{m}-{r}"] for r in results["rules"]}, \
+            MODEL_LABELS.get(m, m)
+        pairs = tests["sign_rule_p"]
+        if pairs:
+            rows.append(Claim(f"{label}: uSF / frSF / brSF", " / ".join(
+                f"{cells[r]['test_error']['mean']:.2f}" for r in SIGN_RULES if r in cells)
+                + f" (spread {tests['sign_rule_spread']:.2f})", PAPER["magnitudes"],
+                f"no pair differs at Welch p < {SIGNIFICANCE} (p: "
+                + ", ".join(f"{k} {fmt(p, 2)}" for k, p in pairs.items()) + ")",
+                not any(p < SIGNIFICANCE for p in pairs.values())))
+        vs_bp = tests.get("vs_bp", {})
+        for r in ("frsf", "brsf"):
+            if r in vs_bp:
+                d = vs_bp[r]
+                rows.append(Claim(f"{label}: {LABELS[r]} − BP (points)", f"{d['difference']:+.2f}",
+                                  PAPER["random_magnitudes"],
+                                  f"not worse at Welch p < {SIGNIFICANCE} (p {fmt(d['p'], 2)})",
+                                  not (d["difference"] > 0 and d["p"] < SIGNIFICANCE)))
+        if "fa" in vs_bp:
+            d, fa = vs_bp["fa"], cells["fa"]
+            beats_chance = not fa["collapsed"]
+            worse = d["difference"] > 0 and d["p"] < SIGNIFICANCE
+            # Worse than BP but not significantly so at this number of seeds: no verdict either way.
+            verdict = None if beats_chance and d["difference"] > 0 and not worse else beats_chance and worse
+            rows.append(Claim(f"{label}: FA − BP (points)", f"{d['difference']:+.2f} (FA {_mean_sd(fa)}, chance "
+                              f"{fa['runs'][0]['chance_error']:.0f})", PAPER["fa"],
+                              f"not collapsed, and worse than BP at Welch p < {SIGNIFICANCE} (p {fmt(d['p'], 2)}; "
+                              + ("beats chance" if beats_chance else "collapsed") + ")", verdict))
+    return rows
 
 
 def report_magnitudes(results: dict[str, Any], section: Report, ctx: Context) -> None:
@@ -423,35 +426,7 @@ def report_magnitudes(results: dict[str, Any], section: Report, ctx: Context) ->
     rows = [[LABELS[r]] + [_mean_sd(results["cells"][f"{m}-{r}"]) for m in results["models"]]
             + [_lr_note(results["cells"][f"{m}-{r}"]) for m in results["models"]] for r in results["rules"]]
     section.table(header, rows)
-    comparison = []
-    for m in results["models"]:
-        tests, cells, label = results["tests"][m], {r: results["cells"][f"{m}-{r}"] for r in results["rules"]}, \
-            MODEL_LABELS.get(m, m)
-        pairs = tests["sign_rule_p"]
-        if pairs:
-            significant = [k for k, p in pairs.items() if p < SIGNIFICANCE]
-            comparison.append((f"{label}: uSF / frSF / brSF", " / ".join(
-                f"{cells[r]['test_error']['mean']:.2f}" for r in SIGN_RULES if r in cells)
-                + f" (spread {tests['sign_rule_spread']:.2f})", PAPER["magnitudes"], not significant,
-                "Welch p: " + ", ".join(f"{k} {fmt(p, 2)}" for k, p in pairs.items())))
-        vs_bp = tests.get("vs_bp", {})
-        for r in ("frsf", "brsf"):
-            if r in vs_bp:
-                d = vs_bp[r]
-                worse = d["difference"] > 0 and d["p"] < SIGNIFICANCE
-                comparison.append((f"{label}: {LABELS[r]} − BP (points)", f"{d['difference']:+.2f}",
-                                   PAPER["random_magnitudes"], not worse, f"Welch p {fmt(d['p'], 2)}"))
-        if "fa" in vs_bp:
-            d, fa = vs_bp["fa"], cells["fa"]
-            chance = fa["runs"][0]["chance_error"]
-            beats_chance = not fa["collapsed"]
-            worse = d["difference"] > 0 and d["p"] < SIGNIFICANCE
-            # Worse than BP but not significantly so at this number of seeds: no verdict either way.
-            verdict = None if beats_chance and d["difference"] > 0 and not worse else beats_chance and worse
-            comparison.append((f"{label}: FA − BP (points)", f"{d['difference']:+.2f} (FA {_mean_sd(fa)}, chance "
-                               f"{chance:.0f})", PAPER["fa"], verdict,
-                               f"Welch p {fmt(d['p'], 2)}; " + ("beats chance" if beats_chance else "collapsed")))
-    section.comparison(comparison)
+    section.claims(claims_magnitudes(results))
     section.text(
         f"Verdicts use two-sided Welch t-tests over the seeds at p < {SIGNIFICANCE}: with {s['seeds']} seeds "
         "only large differences are detectable, so ✓ on 'do not matter' means 'no difference this run can see'. "
@@ -487,13 +462,13 @@ def run_concordance(ctx: Context) -> dict[str, Any]:
             }
         results["references"][m] = {r: magnitudes[f"{m}-{r}"]["test_error"] for r in ("backprop", "fa")
                                     if f"{m}-{r}" in magnitudes}
-    results["figure"] = _plot_concordance(ctx, results)
     return results
 
 
-def _plot_concordance(ctx: Context, results: dict[str, Any]) -> str:
+def plot_concordance(results: dict[str, Any], ctx: Context) -> None:
     models = results["models"]
-    figure, axes = _new_figure(4.2 * len(models), 3.5, len(models))
+    figure, axes = new_figure(4.2 * len(models), 3.5, len(models))
+    axes = np.atleast_1d(axes)
     for ax, m in zip(axes, models):
         for r in results["rules"]:
             curve = results["curves"][f"{m}-{r}"]
@@ -506,7 +481,7 @@ def _plot_concordance(ctx: Context, results: dict[str, Any]) -> str:
         ax.set(xlabel="sign concordance p", ylabel="test error (%)", title=MODEL_LABELS.get(m, m))
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="x-small")
-    return ctx.save_figure(figure, "concordance.png")
+    results["figure"] = ctx.save_figure(figure, "concordance.png")
 
 
 def report_concordance(results: dict[str, Any], section: Report, ctx: Context) -> None:
@@ -521,24 +496,29 @@ def report_concordance(results: dict[str, Any], section: Report, ctx: Context) -
     rows = [[p] + [f"{_mean_sd(results['cells'][f'{m}-{r}-p{p:g}'])} @ {_lr_note(results['cells'][f'{m}-{r}-p{p:g}'])}"
                    for m in results["models"] for r in results["rules"]] for p in results["p"]]
     section.table(header, rows)
-    comparison = []
+    section.claims(claims_concordance(results))
+
+
+def claims_concordance(results: dict[str, Any]) -> list[Claim]:
+    """Signs matter: per model and rule, the error falls steadily with p (Spearman ρ ≤ −0.8) and is higher at the
+    lowest p than at the highest (Welch); p = 1 reproduces the plain rule's runs bit for bit."""
+    rows = []
     for key, curve in results["curves"].items():
         m, r = key.split("-", 1)
         label = f"{MODEL_LABELS.get(m, m)}, {LABELS[r]}"
-        falls = curve["spearman"] <= -0.8
         significant = curve["lowest_minus_highest"] > 0 and curve["lowest_vs_highest_p"] < SIGNIFICANCE
         # Higher error at low p but not significantly so at this number of seeds: no verdict either way.
         verdict = None if curve["lowest_minus_highest"] > 0 and not significant else significant
-        comparison.append((f"{label}: Spearman ρ(p, error)", curve["spearman"], PAPER["signs"], falls,
-                           "ρ ≤ −0.8 counts as falling steadily"))
-        comparison.append((f"{label}: error(p={min(curve['p']):g}) − error(p={max(curve['p']):g}) (points)",
-                           f"{curve['lowest_minus_highest']:+.2f}", "> 0", verdict,
-                           f"Welch p {fmt(curve['lowest_vs_highest_p'], 2)}"))
+        rows.append(Claim(f"{label}: Spearman ρ(p, error)", curve["spearman"], PAPER["signs"],
+                          "ρ ≤ −0.8 (falls steadily)", curve["spearman"] <= -0.8))
+        rows.append(Claim(f"{label}: error(p={min(curve['p']):g}) − error(p={max(curve['p']):g}) (points)",
+                          f"{curve['lowest_minus_highest']:+.2f}", "> 0",
+                          f"> 0 at Welch p < {SIGNIFICANCE} (p {fmt(curve['lowest_vs_highest_p'], 2)})", verdict))
         if curve["p1_equals_plain_rule"] is not None:
-            comparison.append((f"{label}: p = 1 runs equal the magnitudes section's {LABELS[r]} runs",
-                               curve["p1_equals_plain_rule"], True, curve["p1_equals_plain_rule"],
-                               "bit for bit: concordance=1 is the plain rule"))
-    section.comparison(comparison)
+            rows.append(Claim(f"{label}: p = 1 runs equal the magnitudes section's {LABELS[r]} runs",
+                              curve["p1_equals_plain_rule"], True, "bit for bit: concordance=1 is the plain rule",
+                              curve["p1_equals_plain_rule"]))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ BN × BM
@@ -600,15 +580,15 @@ def run_bn_bm(ctx: Context) -> dict[str, Any]:
                             - found[f"{m}-backprop-bn-sgd"]["test_error"]["mean"],
                             "p": welch_p(_errors(found[f"{m}-{r}-bn-bm"]), _errors(found[f"{m}-backprop-bn-sgd"]))}
                         for r in signs if r != "usf"} if "backprop" in scale["rules"] else {})}
-    results["figure"] = _plot_bn_bm(ctx, results)
     return results
 
 
-def _plot_bn_bm(ctx: Context, results: dict[str, Any]) -> str:
+def plot_bn_bm(results: dict[str, Any], ctx: Context) -> None:
     from matplotlib.colors import LogNorm
 
     models, rules, grid = results["models"], results["rules"], results["grid"]
-    figure, axes = _new_figure(4.6 * len(models) + 0.8, 0.6 * len(rules) + 1.5, len(models))
+    figure, axes = new_figure(4.6 * len(models) + 0.8, 0.6 * len(rules) + 1.5, len(models))
+    axes = np.atleast_1d(axes)
     chance = next(iter(results["cells"].values()))["runs"][0]["chance_error"]
     means = [c["test_error"]["mean"] for c in results["cells"].values() if c["test_error"]["n"]]
     # A log scale: the cells that train differ by a point or two, the collapsed ones sit near chance.
@@ -632,11 +612,11 @@ def _plot_bn_bm(ctx: Context, results: dict[str, Any]) -> str:
         ax.set_yticks(range(len(rules)), [LABELS[r] for r in rules], fontsize=8)
         ax.set_title(f"{MODEL_LABELS.get(m, m)}: test error (%)", fontsize=9)
     if image is not None:
-        bar = figure.colorbar(image, ax=axes, shrink=0.9, label="test error (%), log scale")
+        bar = figure.colorbar(image, ax=list(axes), shrink=0.9, label="test error (%), log scale")
         ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 90) if norm.vmin <= t <= chance]
         bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
         bar.minorticks_off()
-    return ctx.save_figure(figure, "bn_bm.png")
+    results["figure"] = ctx.save_figure(figure, "bn_bm.png")
 
 
 def report_bn_bm(results: dict[str, Any], section: Report, ctx: Context) -> None:
@@ -669,41 +649,7 @@ def report_bn_bm(results: dict[str, Any], section: Report, ctx: Context) -> None
             rows.append([MODEL_LABELS.get(m, m), LABELS[r], nobn["norm_ratio"][0], nobn["angle"][0],
                          bn["norm_ratio"][0], bn["angle"][0]])
     section.table(["model", "rule", "no BN: norm ratio", "no BN: angle (°)", "BN: norm ratio", "BN: angle (°)"], rows)
-    comparison = []
-    for m in results["models"]:
-        for r in results["rules"]:
-            v = results["verdicts"][f"{m}-{r}"]
-            neither = results["cells"][f"{m}-{r}-{NEITHER}"]
-            label = f"{MODEL_LABELS.get(m, m)}, {LABELS[r]}"
-            ours = (f"neither: {_mean_sd(neither)} @ {_lr_note(neither)}"
-                    + (" collapsed" if v["neither_collapsed"] else "")
-                    + f"; trains with: {'; '.join(labels[g] for g in v['cells_that_train']) or 'none'}")
-            if r in SIGN_RULES:
-                comparison.append((label, ours, PAPER["bn_bm"], v["neither_collapsed"] and bool(v["cells_that_train"]),
-                                   f"{neither['rates_that_train']}/{len(neither['grid'])} rates train without BN "
-                                   "and BM"))
-            else:
-                comparison.append((label, ours, "not needed (symmetric or small random feedback)", None,
-                                   "collapsed cells: " + ("; ".join(labels[g] for g in v["collapsed_cells"])
-                                                          or "none")))
-        for group, share in results["verdicts"][f"{m}-rate_share"].items():
-            comparison.append((f"{MODEL_LABELS.get(m, m)}, {group}: share of the grid's rates that train",
-                               "; ".join(f"{labels[g]} {100 * x:.0f}%" for g, x in share.items()),
-                               "(a weaker form of the claim: BN/BM widen the range of workable rates)", None,
-                               "compare the sign rules' row with backprop's" if group != "backprop" else ""))
-        variant = results["verdicts"][f"{m}-paper_variant"]
-        if variant["pairs"]:
-            means = " / ".join(f"{results['cells'][f'{m}-{r}-bn-bm']['test_error']['mean']:.2f}"
-                               for r in results["rules"] if r in SIGN_RULES)
-            comparison.append((f"{MODEL_LABELS.get(m, m)}, BN + BM, bare sign: uSF / frSF / brSF", means,
-                               PAPER["magnitudes"], not any(p < SIGNIFICANCE for p in variant["pairs"].values()),
-                               "Welch p: " + ", ".join(f"{k} {fmt(p, 2)}" for k, p in variant["pairs"].items())))
-        for r, d in variant["vs_sgd"].items():
-            worse = d["difference"] > 0 and d["p"] < SIGNIFICANCE
-            comparison.append((f"{MODEL_LABELS.get(m, m)}, {LABELS[r]} (BN + BM) − BP (BN + SGD) (points)",
-                               f"{d['difference']:+.2f}", PAPER["random_magnitudes"], not worse,
-                               f"Welch p {fmt(d['p'], 2)}"))
-    section.comparison(comparison)
+    section.claims(claims_bn_bm(results))
     signs = [(m, r) for m in results["models"] for r in results["rules"] if r in SIGN_RULES]
     if signs:
         collapsed = [f"{MODEL_LABELS.get(m, m)} {LABELS[r]}" for m, r in signs
@@ -725,12 +671,54 @@ def report_bn_bm(results: dict[str, Any], section: Report, ctx: Context) -> None
             "without BN too).")
 
 
+def claims_bn_bm(results: dict[str, Any]) -> list[Claim]:
+    """BN and/or BM are indispensable to the sign rules: the cell with neither collapses, a cell with one trains;
+    the weaker form (the share of rates that train); the magnitudes claims again in the paper's bare-sign variant."""
+    labels, rows = results["grid_labels"], []
+    for m in results["models"]:
+        for r in results["rules"]:
+            v = results["verdicts"][f"{m}-{r}"]
+            neither = results["cells"][f"{m}-{r}-{NEITHER}"]
+            label = f"{MODEL_LABELS.get(m, m)}, {LABELS[r]}"
+            ours = (f"neither: {_mean_sd(neither)} @ {_lr_note(neither)}"
+                    + (" collapsed" if v["neither_collapsed"] else "")
+                    + f"; trains with: {'; '.join(labels[g] for g in v['cells_that_train']) or 'none'}")
+            if r in SIGN_RULES:
+                rows.append(Claim(label, ours, PAPER["bn_bm"], "the cell with neither BN nor BM collapses and one "
+                                  f"with BN or BM trains ({neither['rates_that_train']}/{len(neither['grid'])} rates "
+                                  "train without BN and BM)", v["neither_collapsed"] and bool(v["cells_that_train"])))
+            else:
+                rows.append(Claim(label, ours, "not needed (symmetric or small random feedback)",
+                                  "collapsed cells: " + ("; ".join(labels[g] for g in v["collapsed_cells"]) or "none"),
+                                  None))
+        for group, share in results["verdicts"][f"{m}-rate_share"].items():
+            rows.append(Claim(f"{MODEL_LABELS.get(m, m)}, {group}: share of the grid's rates that train",
+                              "; ".join(f"{labels[g]} {100 * x:.0f}%" for g, x in share.items()),
+                              "(a weaker form of the claim: BN/BM widen the range of workable rates)",
+                              "compare the sign rules' row with backprop's" if group != "backprop" else "", None))
+        variant = results["verdicts"][f"{m}-paper_variant"]
+        if variant["pairs"]:
+            means = " / ".join(f"{results['cells'][f'{m}-{r}-bn-bm']['test_error']['mean']:.2f}"
+                               for r in results["rules"] if r in SIGN_RULES)
+            rows.append(Claim(f"{MODEL_LABELS.get(m, m)}, BN + BM, bare sign: uSF / frSF / brSF", means,
+                              PAPER["magnitudes"], f"no pair differs at Welch p < {SIGNIFICANCE} (p: "
+                              + ", ".join(f"{k} {fmt(p, 2)}" for k, p in variant["pairs"].items()) + ")",
+                              not any(p < SIGNIFICANCE for p in variant["pairs"].values())))
+        for r, d in variant["vs_sgd"].items():
+            rows.append(Claim(f"{MODEL_LABELS.get(m, m)}, {LABELS[r]} (BN + BM) − BP (BN + SGD) (points)",
+                              f"{d['difference']:+.2f}", PAPER["random_magnitudes"],
+                              f"not worse at Welch p < {SIGNIFICANCE} (p {fmt(d['p'], 2)})",
+                              not (d["difference"] > 0 and d["p"] < SIGNIFICANCE)))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ experiments
 
 EXPERIMENTS = [
     Experiment("magnitudes", "Magnitudes of the feedback do not matter (BP, uSF, frSF, brSF, FA)", run_magnitudes,
-               report_magnitudes, threads=1),
+               report_magnitudes, threads=1, claims=claims_magnitudes, plot=plot_magnitudes),
     Experiment("concordance", "Signs matter: error against sign concordance p", run_concordance,
-               report_concordance, needs=("magnitudes",), threads=1),
-    Experiment("bn_bm", "Batch Normalization × Batch Manhattan", run_bn_bm, report_bn_bm, threads=1),
+               report_concordance, needs=("magnitudes",), threads=1, claims=claims_concordance, plot=plot_concordance),
+    Experiment("bn_bm", "Batch Normalization × Batch Manhattan", run_bn_bm, report_bn_bm, threads=1,
+               claims=claims_bn_bm, plot=plot_bn_bm),
 ]

@@ -3,36 +3,21 @@ p = 1 concordance equal to the plain rule, resume reusing finished runs, the rep
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
-import time
 
 import pytest
 
 from fbalign.experiments import common, liao2016
 
-TINY = {"data": "digits", "epochs": {"mlp": 2, "lenet5": 1}, "batch_size": 64, "seeds": 2, "hidden": [32, 32],
-        "train_size": {"digits": 512}, "checkpoints": False, "lr_grid": {"sgd": (1e-2, 1e-1), "bm": (1e-3,)}}
-
-
-@pytest.fixture
-def tiny(monkeypatch, one_thread):
-    monkeypatch.setitem(liao2016.TRAINING, "quick", dict(TINY))
-    monkeypatch.setitem(liao2016.MAGNITUDE_SCALE, "quick", {"models": ("mlp",), "rules": liao2016.RULES})
-    monkeypatch.setitem(liao2016.CONCORDANCE_SCALE, "quick", {"models": ("mlp",), "rules": ("usf",),
-                                                              "p": (0.5, 0.75, 1.0)})
-    monkeypatch.setitem(liao2016.GRID_SCALE, "quick", {"models": ("mlp",), "rules": ("backprop", "usf", "frsf")})
-    monkeypatch.setattr(liao2016, "JOBS", 1)
+TINY = liao2016.TRAINING["tiny"]
 
 
 def _context(tmp_path, **kw):
-    return common.Context(paper="liao2016", out_dir=tmp_path / "out", progress=False, **kw)
+    return common.Context(paper="liao2016", progress=False, **{"out_dir": tmp_path / "out", "scale": "tiny", **kw})
 
 
-def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
+def test_whole_reproduction_at_tiny_scale(one_thread, tmp_path):
     ctx = _context(tmp_path)
     results = common.reproduce(liao2016, ctx, command="fbalign reproduce liao2016 --quick")
     found = results["experiments"]
@@ -43,7 +28,8 @@ def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
     for cell in magnitudes["cells"].values():
         assert len(cell["runs"]) == 2 and [o["seed"] for o in cell["runs"]] == [0, 1]
         assert cell["lr"] in TINY["lr_grid"]["sgd"] and len(cell["tuning"]) == 2
-        assert cell["runs"][0] in [o for o in cell["runs"]]  # seed 0 is the tuning run at the chosen rate
+        # seed 0's run is the tuning run at the chosen rate
+        assert cell["runs"][0]["lr"] == cell["lr"] and cell["runs"][0]["seed"] == 0
         assert cell["runs"][0]["test_error"] == next(t["test_error"] for t in cell["tuning"] if t["lr"] == cell["lr"])
     # Seeds differ (initialization, feedback draws): not one run copied.
     usf = magnitudes["cells"]["mlp-usf"]["runs"]
@@ -91,15 +77,47 @@ def test_whole_reproduction_at_tiny_scale(tiny, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["experiments"]["magnitudes"]["settings"]["lr_grid"] == {"sgd": [1e-2, 1e-1], "bm": [1e-3]}
 
+    # Claims are data: every row has a criterion and a verdict the numbers decide.
+    for claims in (liao2016.claims_magnitudes(magnitudes), liao2016.claims_concordance(concordance),
+                   liao2016.claims_bn_bm(grid)):
+        assert claims and all(isinstance(c, common.Claim) and c.verdict in (True, False, None) for c in claims)
+    p1 = next(c for c in liao2016.claims_concordance(concordance) if "p = 1 runs equal" in c.quantity)
+    assert p1.verdict is True
+    frsf = next(c for c in liao2016.claims_bn_bm(grid) if c.quantity == "MLP 3×256, frSF")
+    assert frsf.verdict == (grid["verdicts"]["mlp-frsf"]["neither_collapsed"]
+                            and bool(grid["verdicts"]["mlp-frsf"]["cells_that_train"]))
 
-def test_collapsed_runs_are_flagged_not_raised(tiny, tmp_path):
+    # --replot redraws every figure and the same report from results.json alone.
+    for figure in ("magnitudes.png", "concordance.png", "bn_bm.png"):
+        (out / figure).unlink()
+    common.replot(liao2016, _context(tmp_path))
+    assert all((out / f).stat().st_size > 10_000 for f in ("magnitudes.png", "concordance.png", "bn_bm.png"))
+    assert (out / "report.md").read_text() == report
+
+
+def test_claims_follow_the_numbers():
+    """The concordance verdicts from made-up curves: falling steadily and significantly is ✓, rising is ✗, higher
+    at low p without significance is no verdict."""
+    def results(spearman, difference, p):
+        return {"curves": {"mlp-usf": {"p": [0.5, 1.0], "spearman": spearman, "lowest_minus_highest": difference,
+                                       "lowest_vs_highest_p": p, "p1_equals_plain_rule": None}}}
+
+    def verdicts(found):
+        return [c.verdict for c in liao2016.claims_concordance(found)]
+
+    assert verdicts(results(-0.9, 5.0, 0.001)) == [True, True]
+    assert verdicts(results(0.5, -3.0, 0.001)) == [False, False]
+    assert verdicts(results(-0.5, 2.0, 0.3)) == [False, None]
+
+
+def test_collapsed_runs_are_flagged_not_raised(one_thread, tmp_path, monkeypatch):
     """A rate that makes the loss NaN is a 'diverged' run and one too small to learn stays at chance: both are
     collapsed, the reproduction goes on, and the cell says so."""
     ctx = _context(tmp_path)
-    liao2016.TRAINING["quick"]["lr_grid"] = {"sgd": (1e4,), "bm": (1e-12,)}
+    setup = {**TINY, "lr_grid": {"sgd": (1e4,), "bm": (1e-12,)}}
     cells = [liao2016.Cell("exploding", "mlp", {"name": "usf", "scale": 1.0}, False, "sgd"),
              liao2016.Cell("frozen", "mlp", "backprop", False, "bm")]
-    found = liao2016.run_cells(ctx, "probe", cells)
+    found = liao2016.run_cells(ctx, "probe", cells, setup)
     exploding, frozen = found["exploding"], found["frozen"]
     assert exploding["collapse"] == ["diverged", "diverged"] and exploding["collapsed"]
     assert exploding["test_error"]["n"] == 0 and math.isnan(exploding["test_error"]["mean"])
@@ -108,16 +126,11 @@ def test_collapsed_runs_are_flagged_not_raised(tiny, tmp_path):
     assert frozen["collapse"] == ["chance", "chance"] and frozen["collapsed"] and frozen["rates_that_train"] == 0
     assert frozen["test_error"]["mean"] > 80
     # A resumed reproduction reuses the outcomes without training; a fresh one refuses to overwrite them.
-    monkeypatched = liao2016.train
-    try:
-        liao2016.train = None  # calling it would fail
-        again = liao2016.run_cells(common.Context(paper="liao2016", out_dir=tmp_path / "out", progress=False,
-                                                  resume=True), "probe", cells)
-        assert again == found
-        with pytest.raises(common.ReproductionError, match="--resume"):
-            liao2016.run_cells(ctx, "probe", cells)
-    finally:
-        liao2016.train = monkeypatched
+    monkeypatch.setattr(liao2016, "train", None)  # calling it would fail
+    again = liao2016.run_cells(_context(tmp_path, resume=True), "probe", cells, setup)
+    assert again == found
+    with pytest.raises(common.ReproductionError, match="--resume"):
+        liao2016.run_cells(ctx, "probe", cells, setup)
 
 
 def test_choose_prefers_validation_error_then_loss_and_never_a_diverged_rate():
@@ -128,16 +141,26 @@ def test_choose_prefers_validation_error_then_loss_and_never_a_diverged_rate():
     assert liao2016._choose([{"status": "diverged"}, {"status": "diverged"}]) == 0
 
 
-def test_lenet_cells_on_resized_digits_and_parallel_workers(tiny, tmp_path, monkeypatch):
-    """LeNet-5 trains on digits resized to 28×28 with BatchNorm; runs go to two worker processes."""
-    monkeypatch.setattr(liao2016, "JOBS", 2)
-    liao2016.TRAINING["quick"]["lr_grid"] = {"sgd": (1e-2, 1e-1), "bm": (1e-3,)}
+def test_lenet_cells_on_resized_digits(one_thread, tmp_path):
+    """LeNet-5 trains on digits resized to 28×28 with BatchNorm."""
     ctx = _context(tmp_path)
     assert liao2016.cell_config(ctx, liao2016.Cell("k", "lenet5", "usf", True, "sgd"), 0.1, 0)["data"]["size"] == 28
-    found = liao2016.run_cells(ctx, "lenet", [liao2016.Cell("lenet-bn", "lenet5", "frsf", True, "sgd")])
-    cell = found["lenet-bn"]
+    cell = liao2016.run_cells(ctx, "lenet", [liao2016.Cell("lenet-bn", "lenet5", "frsf", True, "sgd")])["lenet-bn"]
     assert len(cell["tuning"]) == 2 and len(cell["runs"]) == 2
     assert all(o["status"] == "finished" for o in cell["runs"]) and cell["test_error"]["n"] == 2
+
+
+def test_parallel_workers_give_the_serial_numbers(one_thread, tmp_path):
+    """Runs go to two worker processes (fbalign.runner) and give the numbers they give in this one, in order."""
+    cells = [liao2016.Cell("mlp-fa", "mlp", "fa", True, "sgd"), liao2016.Cell("mlp-usf", "mlp", "usf", False, "bm")]
+    setup = {**TINY, "epochs": {"mlp": 1, "lenet5": 1}, "train_size": {"digits": 256}}
+    parallel = liao2016.run_cells(_context(tmp_path), "p", cells, {**setup, "workers": 2})
+    serial = liao2016.run_cells(_context(tmp_path, out_dir=tmp_path / "serial"), "p", cells, setup)
+
+    def numbers(found):
+        return {k: [{n: v for n, v in o.items() if n != "seconds"} for o in c["runs"]] for k, c in found.items()}
+
+    assert numbers(serial) == numbers(parallel) and list(parallel) == ["mlp-fa", "mlp-usf"]
 
 
 def test_bad_data_name_fails_clearly(tmp_path):
@@ -145,24 +168,3 @@ def test_bad_data_name_fails_clearly(tmp_path):
         liao2016.data_name(_context(tmp_path, data="cifar10"))
     assert liao2016.data_name(_context(tmp_path, scale="full")) == "fashion-mnist"
     assert liao2016.data_name(_context(tmp_path)) == "digits"
-
-
-def test_terminate_kills_workers_that_are_still_training():
-    """On Ctrl-C or SIGTERM a running pool's workers are killed, not waited for (a full-scale run takes minutes)."""
-    pool = cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
-    # A job counts as running once it is in the call queue, which holds up to 2 + EXTRA_QUEUED_CALLS beyond the
-    # workers' own: only a job after those is surely still queued, to be cancelled.
-    in_flight = 2 + 2 + cf.process.EXTRA_QUEUED_CALLS
-    futures = [pool.submit(time.sleep, 120) for _ in range(in_flight + 1)]
-    deadline = time.monotonic() + 60
-    while not all(f.running() for f in futures[:2]):
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.05)
-    workers = list(pool._processes.values())
-    start = time.monotonic()
-    liao2016._terminate(pool)
-    pool.shutdown(cancel_futures=True)  # what the caller's finally does: it must not wait for the killed workers
-    for worker in workers:  # not is_alive(): the pool's own thread reaps them too, and poll() then reads "alive"
-        assert multiprocessing.connection.wait([worker.sentinel], timeout=10), f"worker {worker.pid} still runs"
-    assert time.monotonic() - start < 15
-    assert futures[in_flight].cancelled()

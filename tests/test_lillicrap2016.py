@@ -19,8 +19,8 @@ from fbalign.experiments import lillicrap2016 as lil
 
 
 def _reproduce(tmp_path, name: str, seeds: int | None = None) -> tuple[dict, str]:
-    """Run one experiment at the (patched) quick scale; its results as saved and the report."""
-    ctx = common.Context(paper="lillicrap2016", out_dir=tmp_path / "out", seeds=seeds, progress=False)
+    """Run one experiment at the tiny scale (each scale table's ``tiny`` row); its results as saved and the report."""
+    ctx = common.Context(paper="lillicrap2016", out_dir=tmp_path / "out", scale="tiny", seeds=seeds, progress=False)
     common.reproduce(lil, ctx, only=[name], command=f"test {name}")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"][name]
     assert (tmp_path / "out" / saved["figure"]).read_bytes()[:4] == b"\x89PNG"
@@ -47,8 +47,7 @@ def _linear_student(algorithm: str, init_range: float = lil.WEIGHT_RANGE, seed: 
 
 # ------------------------------------------------------------------------------------------------ Fig. 1, 3
 
-def test_fig1_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(lil.FIG1_SCALE, "quick", {"examples": 300, "prefix": 60})
+def test_fig1_tiny(tmp_path):
     found, report = _reproduce(tmp_path, "fig1")
     final = found["final_nse"]
     assert found["settings"]["examples"] == 300 and found["curves"]["bp"]["examples"][-1] == 300
@@ -57,6 +56,14 @@ def test_fig1_tiny(tmp_path, monkeypatch):
     assert final["shallow"] > 0.5 and max(final["bp"], final["fa"]) < 0.2 * final["shallow"]
     assert found["angle"]["first_10"] > 60 and found["angle"]["last_10_percent"] < found["angle"]["first_10"] - 20
     assert "## Fig. 1d,e" in report and "| backprop, final NSE |" in report
+    verdicts = {c.quantity: c.verdict for c in lil.claims_fig1(found)}
+    assert verdicts["shallow learning, final NSE"] and verdicts["∡(Δh_FA, Δh_BP), last 10% of examples (°)"]
+    assert verdicts["examples to NSE 1e-8, BP / FA"] is None
+    # Figures from results alone: the figure and the report come back, the same, with nothing trained.
+    out = tmp_path / "out"
+    (out / "fig1.png").unlink()
+    common.replot(lil, common.Context(paper="lillicrap2016", out_dir=out, progress=False))
+    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").read_text() == report
 
 
 def test_fig3_flow_field_is_fas_expected_update(tmp_path):
@@ -70,14 +77,15 @@ def test_fig3_flow_field_is_fas_expected_update(tmp_path):
     np.testing.assert_allclose(found["end"], [2 ** (1 / 3), 2 ** (-1 / 3)], atol=0.02)
     assert found["invariant_max_drift"] < 0.02
     assert "## Fig. 3" in report
+    assert [c.verdict for c in lil.claims_fig3(found)] == [True, True, None]
+    broken = dict(found, end=[-1.0, -1.0], end_on_stable_branch=False)  # the claims can fail
+    assert [c.verdict for c in lil.claims_fig3(broken)] == [False, False, None]
 
 
 # ------------------------------------------------------------------------------------------------ Fig. 2d
 
-def test_fig2d_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(lil.FIG2D_SCALE, "quick", {"examples": 400, "prefix": 50, "evaluations": 4,
-                                                  "grid": (1e-3, 1e-2, 1e-1)})
-    found, report = _reproduce(tmp_path, "fig2d", seeds=2)
+def test_fig2d_tiny(tmp_path):
+    found, report = _reproduce(tmp_path, "fig2d")
     assert set(found["final_nse"]) == {"shallow-3", "bp-3", "fa-3", "bp-4", "fa-4"}
     for name, curve in found["curves"].items():
         assert np.asarray(curve["nse"]).shape == (2, 5) and curve["examples"][-1] == 400
@@ -116,8 +124,7 @@ def test_depth_test_is_welchs_on_log_nse():
 
 # ------------------------------------------------------------------------------------------------ Fig. 4
 
-def test_fig4_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(lil.FIG4_SCALE, "quick", {"examples": 600, "evaluations": 6, "omegas": (0.0001, 0.25)})
+def test_fig4_tiny(tmp_path):
     found, report = _reproduce(tmp_path, "fig4", seeds=1)
     small, large = found["omegas"]
     assert small["omega"] == 0.0001 and np.asarray(small["angle_pbp"]).shape == (1, 7)
@@ -168,12 +175,12 @@ def test_from_zero_on_all_inputs_fa_is_within_90_degrees_of_pseudo_backprop_but_
     assert angles.max() < 90 and angles[0] > 10 and angles[-1] < angles[0]
 
 
-def test_theory_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(lil.THEORY_SCALE, "quick", {"etas": (0.04, 0.02, 0.01), "duration": 1.0, "rtol": 1e-10,
-                                                   "pair_steps": 100, "pair_eta": 2e-4, "control_range": 0.1})
+def test_theory_tiny(tmp_path):
     found, report = _reproduce(tmp_path, "theory")
     assert found["slopes"]["fa_invariant_fa_path"] == pytest.approx(1.0, abs=0.1)
     assert abs(found["slopes"]["fa_invariant_bp_path"]) < 0.2
     assert found["single_pair"]["max_scaled_sine"] < 100 * np.finfo(np.float64).eps
     assert found["single_pair"]["min_ratio"] > 0 and found["single_pair"]["control_max_sine"] > 1e-2
     assert "## Theory" in report and "✗" not in report.split("## Theory")[1].split("**What the theorem")[0]
+    assert all(c.verdict for c in lil.claims_theory(found))  # every claim has a verdict, and holds
+    assert [c.quantity for c in lil.claims({"theory": found})] == [c.quantity for c in lil.claims_theory(found)]

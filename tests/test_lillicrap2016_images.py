@@ -20,8 +20,7 @@ from fbalign.cli import main
 from fbalign.experiments import lillicrap2016 as paper
 from fbalign.experiments.common import Context, Report, load_results, reproduce
 
-TINY = {"runs": 1, "epochs": 10, "train_size": None, "batch_size": 5, "angle_every": 20}
-TINY_ETA = 0.02  # 20× the paper's η: XOR is solved in a few epochs of 800 images, at the same lr (0.1) per step
+TINY = paper.FIG2A_SCALE["tiny"]  # 20× the paper's η: XOR is solved in a few epochs of 800 images
 
 
 def write_xor_idx(folder, n_train=800, n_test=200, seed=0):
@@ -42,15 +41,13 @@ def write_xor_idx(folder, n_train=800, n_test=200, seed=0):
 
 
 def _context(out, data_dir, **kw):
-    return Context(paper="lillicrap2016", out_dir=out, data="mnist", data_dir=str(data_dir), progress=False, **kw)
+    return Context(paper="lillicrap2016", out_dir=out, scale="tiny", data="mnist", data_dir=str(data_dir),
+                   progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """One tiny reproduction of fig2a and figS1 on the XOR images, shared by the tests below."""
-    patch = pytest.MonkeyPatch()
-    patch.setitem(paper.FIG2A_SCALE, "quick", TINY)
-    patch.setattr(paper, "IMAGE_ETA", TINY_ETA)
     root = tmp_path_factory.mktemp("images")
     data_dir = write_xor_idx(root / "xor")
     threads = torch.get_num_threads()
@@ -60,7 +57,6 @@ def tiny(tmp_path_factory):
         yield root, data_dir, results["experiments"]
     finally:
         torch.set_num_threads(threads)
-        patch.undo()
 
 
 def test_fig2a_learns_xor_where_shallow_cannot(tiny):
@@ -68,7 +64,7 @@ def test_fig2a_learns_xor_where_shallow_cannot(tiny):
     fig2a = found["fig2a"]
     assert {"settings", "test_error", "final_test_error", "fa_minus_bp", "angle", "sparse", "fields_file",
             "figure"} <= set(fig2a)
-    assert fig2a["settings"]["lr"] == pytest.approx(TINY_ETA * TINY["batch_size"])
+    assert fig2a["settings"]["lr"] == pytest.approx(TINY["eta"] * TINY["batch_size"])
     for algorithm in paper.FIG2A_ALGORITHMS:
         curve = np.asarray(fig2a["test_error"][algorithm]["runs"])
         assert curve.shape == (1, TINY["epochs"] + 1) and np.isfinite(curve).all()
@@ -146,6 +142,10 @@ def test_report_says_fashion_mnist_is_not_mnist(tiny):
     absolute = [line for line in text.splitlines() if line.startswith("| ") and "final test error (%)" in line]
     assert len(absolute) == 4 and not any("✓" in line or "✗" in line for line in absolute)
     assert "| FA − BP (points, paired by run)" in text and "Quick mode" in text
+    claims = {c.quantity: c for c in paper.claims_fig2a(found["fig2a"])}
+    assert claims["FA − BP (points, paired by run)"].verdict and claims["FA − BP (points, paired by run)"].criterion
+    assert claims["shallow − the worse of BP and FA (points)"].verdict  # XOR: shallow stays at chance
+    assert all(c.verdict is None for q, c in claims.items() if "final test error" in q)  # tiny scale: no verdict
     s1_section = Report()
     paper.report_fig_s1(found["figS1"], s1_section, ctx)
     assert "What they show" in s1_section.markdown()
@@ -160,10 +160,7 @@ def test_resume_reuses_finished_runs(tiny, tmp_path):
     (out / "results.json").unlink()  # killed before fig2a finished ...
     shutil.rmtree(out / "fig2a" / "sparse-fa-0")  # ... while training the last network
     kept = (out / "fig2a" / "bp-0" / "checkpoint.pt").stat().st_mtime_ns
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(paper.FIG2A_SCALE, "quick", TINY)
-        patch.setattr(paper, "IMAGE_ETA", TINY_ETA)
-        reproduce(paper, _context(out, data_dir, resume=True), only=["fig2a"], command="test")
+    reproduce(paper, _context(out, data_dir, resume=True), only=["fig2a"], command="test")
     assert (out / "fig2a" / "bp-0" / "checkpoint.pt").stat().st_mtime_ns == kept
     again = load_results(out)["experiments"]["fig2a"]
     for algorithm in paper.FIG2A_ALGORITHMS:

@@ -3,6 +3,7 @@ short teacher streams), with properties that must hold at any scale."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -14,33 +15,12 @@ import fbalign
 import fbalign.models
 from fbalign.experiments import PAPERS, common
 from fbalign.experiments import open_questions as oq
-
-TINY_IMAGE = {"image_train": 600, "image_validation": 150, "epochs": 1, "tune_epochs": 1, "data": "digits"}
-TINY = {
-    "fixed-b": (oq.FIXED_B_SCALE, {"seeds": 2, "linear_examples": 200, "linear_prefix": 50, "nonlinear_examples": 200,
-                                   "nonlinear_prefix": 50, "teacher_batch": 10, "image_hidden": [16, 16],
-                                   "scales": [0.1, 1.0], **TINY_IMAGE}),
-    "nonlinear-feedback": (oq.NONLINEAR_SCALE, {"seeds": 2, "examples": 200, "prefix": 50, "teacher_batch": 10,
-                                                "image_hidden": [16, 16], "timing_rounds": 3, "timing_steps": 2,
-                                                **TINY_IMAGE}),
-    "plastic": (oq.PLASTIC_SCALE, {"seeds": 2, "hidden": [32], "align_every": 2, **TINY_IMAGE, "epochs": 6}),
-    "depth": (oq.DEPTH_SCALE, {"seeds": 2, "width": 16, "depths": [1, 3], "align_every": 2,
-                               "rules": ["bp", "fa", "dfa", "kp"], **TINY_IMAGE, "epochs": 2}),
-}
-
-
-@pytest.fixture
-def tiny(monkeypatch, one_thread):
-    """Every experiment's quick sizes shrunk, and short learning-rate grids."""
-    for table, row in TINY.values():
-        monkeypatch.setitem(table, "quick", row)
-    monkeypatch.setattr(oq, "IMAGE_LR_GRID", (0.03, 0.1))
-    monkeypatch.setattr(oq, "PLASTIC_LR_GRID", (0.1, 0.3))
-    monkeypatch.setattr(oq, "TEACHER_ETA_GRID", (1e-3, 1e-2, 1e-1))
+from fbalign.experiments.open_questions import nonlinear_feedback
 
 
 def _context(tmp_path, **kw):
-    return common.Context(paper="open-questions", out_dir=tmp_path / "out", progress=False, **kw)
+    return common.Context(paper="open-questions", progress=False, **{"out_dir": tmp_path / "out", "scale": "tiny",
+                                                                     **kw})
 
 
 def test_registered():
@@ -49,7 +29,7 @@ def test_registered():
 
 
 def test_sizes_take_seeds_from_the_command_line(tmp_path):
-    assert oq.sizes(oq.DEPTH_SCALE, _context(tmp_path))["seeds"] == oq.DEPTH_SCALE["quick"]["seeds"]
+    assert oq.sizes(oq.DEPTH_SCALE, _context(tmp_path, scale="quick"))["seeds"] == oq.DEPTH_SCALE["quick"]["seeds"]
     assert oq.sizes(oq.DEPTH_SCALE, _context(tmp_path, scale="full", seeds=7))["seeds"] == 7
 
 
@@ -73,10 +53,10 @@ def test_every_kind_of_fixed_b_has_the_asked_rms(kind):
         oq.fixed_feedback(_tiny_mlp(), "lognormal", seed=0)
 
 
-def test_sign_concordant_b_stays_fixed_and_concordant_with_w0(tmp_path, tiny):
+def test_sign_concordant_b_stays_fixed_and_concordant_with_w0(tmp_path, one_thread):
     """sign(W0): B agrees in sign with the initial weights everywhere, has one magnitude per layer, and does not
     follow W while it learns (fbalign's usf would)."""
-    data = oq.image_data(_context(tmp_path), oq.FIXED_B_SCALE["quick"])
+    data = oq.image_data(_context(tmp_path), oq.FIXED_B_SCALE["tiny"])
     model = oq.fixed_feedback(oq.image_student(data, [16, 16], "tanh", 0), "sign(W0)", seed=0)
     layers = fbalign.feedback_layers(model)
     w0 = [layer.weight.detach().clone() for _, layer in layers]
@@ -97,7 +77,7 @@ def test_sign_concordant_b_stays_fixed_and_concordant_with_w0(tmp_path, tiny):
 @pytest.mark.parametrize("rule", ["fa", "bp"])
 def test_nonlinear_path_reaches_the_hidden_layers(rule):
     """With the sign pathway at saturation s, every error arriving below a layer is ±s (or 0)."""
-    model = oq._with_path(_tiny_mlp(), rule, "sign", 1.0, seed=0, reference=0.25, rms=None)
+    model = nonlinear_feedback._with_path(_tiny_mlp(), rule, "sign", 1.0, seed=0, reference=0.25, rms=None)
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
     arrived = []
 
@@ -110,13 +90,24 @@ def test_nonlinear_path_reaches_the_hidden_layers(rule):
     assert len(arrived) == 2
     for grad in arrived:
         assert set(grad.abs().unique().tolist()) <= {0.0, 0.25}
-    linear = oq._with_path(_tiny_mlp(), rule, None, None, seed=0, reference=0.25, rms=None)
+    linear = nonlinear_feedback._with_path(_tiny_mlp(), rule, None, None, seed=0, reference=0.25, rms=None)
     assert oq.arriving_error_rms(linear, F.cross_entropy, x, y) > 0
 
 
-def test_fixed_b_tiny(tmp_path, tiny):
+def _reproduce(tmp_path, name):
+    """One experiment through reproduce() (run, then plot from the JSON results); its context and results."""
     ctx = _context(tmp_path)
-    results = common._to_json(oq.run_fixed_b(ctx))
+    return ctx, common.reproduce(oq, ctx, [name], command=f"fbalign reproduce open-questions --only {name}")[
+        "experiments"][name]
+
+
+def _check_claims(claims):
+    assert claims and all(isinstance(c, common.Claim) and c.verdict in (True, False, None) for c in claims)
+    assert all(c.criterion for c in claims)
+
+
+def test_fixed_b_tiny(tmp_path, one_thread):
+    ctx, results = _reproduce(tmp_path, "fixed-b")
     conditions = {"bp", *oq.FIXED_KINDS, "uniform ×0.1"}
     assert set(results["tasks"]) == {"linear", "nonlinear", "image"}
     for task, found in results["tasks"].items():
@@ -124,19 +115,23 @@ def test_fixed_b_tiny(tmp_path, tiny):
         for c in found.values():
             assert len(c["final"]) == 2
             rate = c["lr"] if task == "image" else c["eta"]
-            assert rate in (oq.IMAGE_LR_GRID if task == "image" else oq.TEACHER_ETA_GRID)
+            assert rate in oq.FIXED_B_SCALE["tiny"]["lr_grid" if task == "image" else "eta_grid"]
         assert set(results["headline"][task]["ranked"]) <= set(oq.FIXED_KINDS)
     assert (ctx.out_dir / results["figure"]).stat().st_size > 10_000
     section = common.Report()
     oq.report_fixed_b(results, section, ctx)
     text = section.markdown()
     assert "sign(W0) − uniform B" in text and "Liao et al. 2016" in text and "![fixed_b](fixed_b.png)" in text
+    claims = oq.claims_fixed_b(results)
+    _check_claims(claims)
+    sparse = next(c for c in claims if c.quantity.startswith("image: sparse"))
+    assert sparse.verdict == (results["headline"]["image"]["mean"]["sparse"]
+                              - results["headline"]["image"]["mean"]["uniform"] < 1.0)
 
 
-def test_nonlinear_feedback_tiny(tmp_path, tiny):
-    ctx = _context(tmp_path)
-    results = common._to_json(oq.run_nonlinear_feedback(ctx))
-    names = [name for name, *_ in oq._path_conditions()]
+def test_nonlinear_feedback_tiny(tmp_path, one_thread):
+    ctx, results = _reproduce(tmp_path, "nonlinear-feedback")
+    names = [name for name, *_ in nonlinear_feedback._path_conditions()]
     assert len(names) == 15 and set(results["teacher"]) == set(results["image"]) == set(names)
     for name in names:
         assert results["step_seconds"][name] > 0 and math.isfinite(results["step_ratio"][name])
@@ -148,12 +143,12 @@ def test_nonlinear_feedback_tiny(tmp_path, tiny):
     section = common.Report()
     oq.report_nonlinear_feedback(results, section, ctx)
     assert "step time ÷ linear path" in section.markdown()
+    _check_claims(oq.claims_nonlinear_feedback(results))
 
 
-def test_plastic_tiny(tmp_path, tiny):
+def test_plastic_tiny(tmp_path, one_thread):
     """kp's B aligns with Wᵀ within the run, wm's turns towards it, fa's (fixed) only as far as W turns to B."""
-    ctx = _context(tmp_path)
-    results = common._to_json(oq.run_plastic(ctx))
+    ctx, results = _reproduce(tmp_path, "plastic")
     assert set(results["rules"]) == set(oq.PLASTIC_RULES)
     assert set(results["momentum_controls"]) == set(oq.MOMENTUM_CONTROLS)
     assert {c["momentum"] for c in results["rules"].values()} == {oq.PLASTIC_MOMENTUM}
@@ -174,26 +169,48 @@ def test_plastic_tiny(tmp_path, tiny):
     section = common.Report()
     oq.report_plastic(results, section, ctx)
     assert "Akrout et al. 2019" in section.markdown()
+    claims = oq.claims_plastic(results)
+    _check_claims(claims)
+    kp_angle = next(c for c in claims if c.quantity.startswith("kp: ∡(B, Wᵀ)"))
+    assert kp_angle.verdict is True  # kp's B aligns (asserted per layer above); fa's fixed B cannot follow
 
 
-def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, tiny, monkeypatch):
-    data = oq.teacher_task("nonlinear", 200)
-
-    def condition(kind):
-        return lambda: oq.teacher_condition(
-            lambda seed: oq.fixed_feedback(oq.teacher_student("nonlinear", seed), kind, seed=seed, rms=0.3), data,
-            examples=200, prefix=50, batch_size=10, seeds=2)
-
-    conditions = {kind: condition(kind) for kind in ("uniform", "sign(W0)", "orthogonal")}
-    monkeypatch.setattr(oq, "JOBS", 1)
-    serial = common._to_json(oq.run_conditions(_context(tmp_path), conditions, "serial"))
-    monkeypatch.setattr(oq, "JOBS", 2)
-    parallel = common._to_json(oq.run_conditions(_context(tmp_path), conditions, "parallel"))
+def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, one_thread):
+    """The runner's processes give the numbers of a serial run (teacher and image conditions), in job order."""
+    size = oq.FIXED_B_SCALE["tiny"]
+    conditions = {kind: {"task": "nonlinear", "examples": 200, "prefix": 50,
+                         "make": functools.partial(oq.fixed_b_model, task="nonlinear", name=kind, rms=0.3)}
+                  for kind in ("uniform", "sign(W0)")}
+    conditions["image"] = {"task": "image", "folder": ("image",),
+                           "make": functools.partial(oq.fixed_b_model, task="image", name="uniform", hidden=[8])}
+    serial = common._to_json(oq.run_conditions(_context(tmp_path, out_dir=tmp_path / "serial"), size, conditions))
+    parallel = common._to_json(oq.run_conditions(_context(tmp_path), size, conditions, workers=2))
     assert list(parallel) == list(conditions) and parallel == serial
 
 
-def test_mirror_hook_is_removed_after_training(tmp_path, tiny):
-    data = oq.image_data(_context(tmp_path), oq.PLASTIC_SCALE["quick"])
+@pytest.mark.parametrize("task", ["linear", "nonlinear"])
+def test_teacher_condition_as_ensembles_trains_like_one_run_at_a_time(task):
+    """The tuning grid and the seeds are each one fbalign.Ensemble; in float64 every member scores and ends as the
+    same network trained alone by toolkit.tune_eta and train_online (a member that diverges scores +inf)."""
+    from fbalign.experiments.toolkit import train_online, tune_eta
+
+    data = oq.teacher_task(task, 300)
+
+    def make(seed):
+        return oq.fixed_b_model(data=data, seed=seed, task=task, name="uniform", rms=oq.LILLICRAP_RMS)
+
+    grid = (1e-3, 1e-2, 1e-1, 10.0)
+    together = oq.teacher_condition(make, data, examples=300, prefix=100, batch_size=10, seeds=3, grid=grid)
+    alone = tune_eta(lambda: make(0), "rule", data, examples=100, batch_size=10, grid=grid)
+    assert together["eta"] == alone["eta"]
+    assert together["tuning"]["scores"] == pytest.approx(alone["scores"], rel=1e-9)
+    finals = [train_online(make(seed), "rule", data, examples=300, eta=alone["eta"], batch_size=10,
+                           evaluations=50)["nse"][-1] for seed in range(3)]
+    assert together["final"] == pytest.approx(finals, rel=1e-9)
+
+
+def test_mirror_hook_is_removed_after_training(tmp_path, one_thread):
+    data = oq.image_data(_context(tmp_path), oq.PLASTIC_SCALE["tiny"])
     model = oq.plastic_model(data, [8], "wm", 0)
     before = [layer.feedback.clone() for _, layer in fbalign.feedback_layers(model)]
     oq.train_image(_context(tmp_path), model, data, tmp_path / "run", lr=0.1, epochs=1, seed=0)
@@ -205,7 +222,7 @@ def test_mirror_hook_is_removed_after_training(tmp_path, tiny):
     assert all(torch.equal(layer.feedback, a) for (_, layer), a in zip(fbalign.feedback_layers(model), after))
 
 
-def test_depth_tiny_and_resume(tmp_path, tiny):
+def test_depth_tiny_and_resume(tmp_path, one_thread):
     """Every rule at every depth, through reproduce(); run again with resume, it reuses the finished runs."""
     ctx = _context(tmp_path)
     results = common.reproduce(oq, ctx, ["depth"], command="fbalign reproduce open-questions --only depth")
@@ -224,6 +241,11 @@ def test_depth_tiny_and_resume(tmp_path, tiny):
     # A resumed run finds every training run finished in its run directory and gives the same numbers.
     again = common._to_json(oq.run_depth(_context(tmp_path, resume=True)))
     assert again["summary"] == summary
+    _check_claims(oq.claims_depth(found))
+    # --replot: the figure and report.md again, from results.json alone
+    (ctx.out_dir / "depth.png").unlink()
+    common.replot(oq, _context(tmp_path))
+    assert (ctx.out_dir / "depth.png").stat().st_size > 10_000 and (ctx.out_dir / "report.md").read_text() == report
 
 
 def test_fixed_feedback_model_is_a_factory_for_fbalign_train():

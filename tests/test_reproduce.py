@@ -85,6 +85,73 @@ def test_scale_and_seeds(tmp_path):
         _context(tmp_path, seeds=0)
 
 
+def test_scale_rows_and_the_tiny_scale(tmp_path):
+    table = {"quick": {"runs": 2, "steps": 10}, "full": {"runs": 20, "steps": 1000}, "tiny": {"runs": 1, "steps": 3}}
+    assert _context(tmp_path, scale="tiny").row(table) == {"runs": 1, "steps": 3}
+    assert _context(tmp_path, scale="full", seeds=5).row(table) == {"runs": 5, "steps": 1000}
+    assert _context(tmp_path, scale="tiny").row({"quick": {"steps": 10}}) == {"steps": 10}  # no tiny row
+    row = _context(tmp_path).row(table)
+    row["steps"] = 99  # a copy: the table is not changed
+    assert table["quick"]["steps"] == 10 and _context(tmp_path, scale="tiny").quick
+
+
+def test_claims_are_rendered_with_their_criterion(tmp_path):
+    section = common.Report()
+    claims = [common.Claim("gap (points)", 0.4, 0.3, "≤ 1 point", 0.4 <= 1.0, "standing"),
+              common.Claim("level", 2.0, 1.0, note="read off a figure")]
+    section.claims(claims)
+    text = section.markdown()
+    assert "| gap (points) | 0.4 | 0.3 | ≤ 1 point | ✓ | standing |" in text
+    assert "| level | 2 | 1 |  |  | read off a figure |" in text
+    assert claims[0].row() == {"quantity": "gap (points)", "ours": 0.4, "paper": 0.3, "criterion": "≤ 1 point",
+                               "verdict": True, "note": "standing"}
+    import numpy as np
+
+    assert common.Claim("x", 1, 1, "", np.bool_(False)).verdict is False  # stored as a plain bool
+
+
+def test_replot_redraws_figures_and_report_from_results_alone(tmp_path, capsys):
+    calls: list[str] = []
+    module = _fake_paper(calls)
+
+    def plot_b(results, ctx):
+        from matplotlib.figure import Figure
+
+        fig = Figure()
+        fig.add_subplot().bar([0], [results["ratio"]])
+        results["figure"] = ctx.save_figure(fig, "b.png")
+
+    module.EXPERIMENTS[1] = common.Experiment("b", "Fig. B", module.EXPERIMENTS[1].run, module.EXPERIMENTS[1].report,
+                                              needs=("a",), plot=plot_b)
+    ctx = _context(tmp_path, scale="full")
+    common.reproduce(module, ctx)
+    out = tmp_path / "out"
+    saved = (out / "results.json").read_text()
+    report = (out / "report.md").read_text()
+    assert json.loads(saved)["experiments"]["b"]["figure"] == "b.png"
+    (out / "b.png").unlink()
+    (out / "report.md").unlink()
+    calls.clear()
+    with pytest.warns(UserWarning, match="a: no plot function"):
+        common.replot(module, common.Context(paper="fake", out_dir=out, progress=False))  # scale from results
+    assert calls == [] and (out / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.md").read_text() == report and (out / "results.json").read_text() == saved
+    with pytest.raises(common.ReproductionError, match="no finished experiments"):
+        common.replot(module, common.Context(paper="fake", out_dir=tmp_path / "empty", progress=False))
+
+
+def test_cli_replot(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["reproduce", "lillicrap2016", "--only", "fig3", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    (out / "fig3.png").unlink()
+    assert main(["reproduce", "lillicrap2016", "--replot", "--out", str(out)]) == 0
+    assert "redrew fig3" in capsys.readouterr().out
+    assert (out / "fig3.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").read_text() == report
+    assert main(["reproduce", "lillicrap2016", "--replot", "--out", str(tmp_path / "none")]) == 2
+    assert "no finished experiments" in capsys.readouterr().err
+
+
 def test_only_runs_what_is_asked_and_what_it_needs(tmp_path):
     calls: list[str] = []
     module = _fake_paper(calls)
@@ -204,7 +271,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
-@pytest.mark.parametrize("paper, workers", [("liao2016", "spawn_main"), ("open-questions", "fbalign")])
+@pytest.mark.parametrize("paper, workers", [("liao2016", "spawn_main"), ("open-questions", "spawn_main")])
 def test_sigterm_stops_a_reproduction_and_its_worker_processes(tmp_path, paper, workers):
     """A ``kill`` of ``fbalign reproduce`` must not leave its training workers running as orphans."""
     if len(os.sched_getaffinity(0)) < 2:

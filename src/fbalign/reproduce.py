@@ -3,6 +3,7 @@
     fbalign reproduce lillicrap2016 --quick                    # minutes on 2 CPU cores: the README's main job
     fbalign reproduce lillicrap2016 --full --device cuda       # the paper's scale
     fbalign reproduce lillicrap2016 --only fig1,fig3 --out runs/lillicrap-linear
+    fbalign reproduce lillicrap2016 --replot --out runs/lillicrap-linear   # figures and report from results.json
 
 The papers are the modules of ``fbalign.experiments`` listed in ``fbalign.experiments.PAPERS`` (the repository's
 ``experiments/`` folder, installed with fbalign); the shared machinery and the interface a paper module provides
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["reproduce", "papers", "load_paper", "add_parser", "main"]
+__all__ = ["reproduce", "replot", "papers", "load_paper", "add_parser", "main"]
 
 
 def papers() -> dict[str, str]:
@@ -97,7 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="reuse the finished experiments in --out and continue its interrupted runs")
     again.add_argument("--overwrite", action="store_true", help="start again in an --out that holds results")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=main, scale="quick")
+    p.add_argument("--replot", action="store_true", help="train nothing: redraw the figures and report.md of --out "
+                   "from its results.json")
+    p.set_defaults(func=_main_or_replot, scale="quick")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -135,4 +138,28 @@ def main(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path("runs") / f"{args.paper}-{args.scale}"
     seconds = sum(r.get("seconds", 0.0) for r in results["experiments"].values())
     print(f"finished {', '.join(results['experiments'])} ({seconds:.0f} s); report: {out_dir / REPORT}")
+    return 0
+
+
+def replot(paper: str, out: str | Path) -> dict[str, Any]:
+    """Redraw ``paper``'s figures and ``report.md`` in the folder ``out`` from its ``results.json`` alone (nothing
+    trains; the scale and settings are the saved ones). Returns the results."""
+    from .experiments import common
+
+    ctx = common.Context(paper=paper, out_dir=Path(out), progress=False)
+    return common.replot(load_paper(paper), ctx)
+
+
+def _main_or_replot(args: argparse.Namespace) -> int:
+    if not getattr(args, "replot", False):
+        return main(args)
+    from .experiments.common import REPORT, ReproductionError
+
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{args.paper}-{args.scale}"
+    try:
+        results = replot(args.paper, out_dir)
+    except (ValueError, ReproductionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"redrew {', '.join(results['experiments'])} from {out_dir / 'results.json'}; report: {out_dir / REPORT}")
     return 0
