@@ -126,13 +126,15 @@ class ModelConfig(_Choice):
 class DataConfig(_Choice):
     """A data set by name, how to prepare it (see :func:`fbalign.data.prepare`), then the loader's options."""
 
-    name: Literal["fashion-mnist", "mnist", "digits", "linear-teacher", "nonlinear-teacher"] = "digits"
+    name: Literal["fashion-mnist", "mnist", "digits", "linear-teacher", "nonlinear-teacher", "cifar10",
+                  "cifar100"] = "digits"
     seed: int = 0
     size: int | None = Field(default=None, ge=1)
     resize: Literal["bilinear", "pad"] = "bilinear"
     validation: int = Field(default=0, ge=0)
     train_size: int | None = Field(default=None, ge=1)
     normalize: bool = False
+    augment: bool = False  # training batches: random 4-pixel-padded crop + horizontal flip (fbalign.data.augment)
 
     @property
     def options(self) -> dict[str, Any]:

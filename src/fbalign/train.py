@@ -554,6 +554,7 @@ class _Loop:
                     while self.batch < self.steps_per_epoch:
                         idx = self.perm[self.batch * batch_size:(self.batch + 1) * batch_size]
                         x, y = x_train[idx], y_train[idx]
+                        x = data_module.augment_batch(x, cfg.data.augment, seed=cfg.seed, step=self.step)
                         # A measuring step is measured on its own forward/backward (one extra pass: backprop's).
                         with recorder.step(self.step + 1, x, y) if recorder is not None else nullcontext():
                             out = model(x)
