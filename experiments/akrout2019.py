@@ -539,20 +539,20 @@ def report_mirror_alone(results: dict[str, Any], section: Report, ctx: Context) 
     section.table(header, [[r["label"], r["hidden"], *[d for s, d in r["curve"] if s in _column_steps(results)]]
                            for r in results["rows"]])
     by = {r["label"]: r["curve"][-1][1] for r in results["rows"]}
-    sigmoid = by["their code's sigmoid mirror"]
+    sigmoid = by.get("their code's sigmoid mirror")
     section.text(
         f"Without decay the angle keeps falling with the number of steps (signal ∝ t, noise ∝ √t): "
-        f"{fmt(by['their schedule, linear mirror'])}° after {results['steps']} steps; with decay λ = σ² at their "
-        f"rate it is {fmt(by['decay λ = σ²'])}° (a leaky integrator with time constant 1/(ηλ) ≈ "
+        f"{fmt(by.get('their schedule, linear mirror'))}° after {results['steps']} steps; with decay λ = σ² at their "
+        f"rate it is {fmt(by.get('decay λ = σ²'))}° (a leaky integrator with time constant 1/(ηλ) ≈ "
         f"{fmt(1 / (MIRROR['lr'] * MIRROR['noise_std'] ** 2))} steps, then a floor), and "
-        f"{fmt(by['decay λ = σ², lr ×10'])}° with a 10× rate (ηλ ≈ 0.01, a memory of ~100 steps: the setting of "
+        f"{fmt(by.get('decay λ = σ², lr ×10'))}° with a 10× rate (ηλ ≈ 0.01, a memory of ~100 steps: the setting of "
         "the open-questions report, fbalign.mirror's defaults σ = λ = 1 with lr 0.01, whose 8–10° is this floor). "
         f"Their code's sigmoid mirror is far slower: {fmt(sigmoid)}° here (σ'(b) ≈ ¼ scales its signal down while "
         "the constant σ(b) ≈ ½ multiplies the noise x), so its 3–4° at the end of their run is the end of 187k "
         "undecayed steps. More noise samples per step or a higher rate help an undecayed mirror; a lower rate "
         f"slows it. Width (random W of the trained element scale; hidden 100 / 500 / 2000: "
-        f"{fmt(by['random W, hidden 100'])} / {fmt(by['random W, hidden 500'])} / "
-        f"{fmt(by['random W, hidden 2000'])}° at the end) shows no consistent effect at this length.")
+        f"{fmt(by.get('random W, hidden 100'))} / {fmt(by.get('random W, hidden 500'))} / "
+        f"{fmt(by.get('random W, hidden 2000'))}° at the end) shows no consistent effect at this length.")
 
 
 def _column_steps(results: dict[str, Any]) -> list[int]:
