@@ -9,4 +9,5 @@ PAPERS: dict[str, str] = {
     "lillicrap2016": "fbalign.experiments.lillicrap2016",
     "liao2016": "fbalign.experiments.liao2016",
     "open-questions": "fbalign.experiments.open_questions",
+    "akrout2019": "fbalign.experiments.akrout2019",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -186,3 +187,181 @@ def test_the_old_name_of_data_splits_still_works():
 
     assert data.TensorDataset is data.DataSplits  # deprecated alias, kept for one release
     assert isinstance(data.load_digits(), data.TensorDataset)
+# --- CIFAR-10 / CIFAR-100: the python-pickle release -------------------------------------------------------------
+
+import pickle  # noqa: E402
+
+from fbalign import data as data_module  # noqa: E402
+from fbalign.config import Config  # noqa: E402
+
+
+def fake_cifar(root, name="cifar10", per_file=20, seed=0):
+    """A small release in the real format: pickled dicts with b'data' (N, 3072) uint8 and b'labels' (a list) or
+    b'fine_labels'/b'coarse_labels' (CIFAR-100), in the release's folder and file names."""
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, files, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + [
+            "test_batch"], b"labels", 10
+    else:
+        folder, files, key, classes = root / "cifar-100-python", ["train", "test"], b"fine_labels", 100
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for file in files:
+        n = per_file * (5 if name == "cifar100" and file == "train" else 1)
+        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, classes, n)]
+        batch = {b"batch_label": file.encode(), b"data": images, key: labels,
+                 b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        if name == "cifar100":
+            batch[b"coarse_labels"] = [v // 5 for v in labels]
+        with open(folder / file, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[file] = (images, labels)
+    return folder, written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_load_cifar_reads_the_release_exactly(tmp_path, name):
+    folder, written = fake_cifar(tmp_path, name)
+    data = data_module.load_cifar(tmp_path, name, val_size=0)
+    train_files = [f for f in written if f not in ("test_batch", "test")]
+    images = np.concatenate([written[f][0] for f in train_files])
+    labels = np.concatenate([written[f][1] for f in train_files])
+    assert data.train_x.shape == (len(images), 3, 32, 32) and data.train_x.dtype == torch.float32
+    # Row-major 3072 = 3 channel planes of 32×32, red first, as the release documents.
+    assert torch.equal(data.train_x * 255, torch.from_numpy(images.reshape(-1, 3, 32, 32).astype(np.float32)))
+    assert torch.equal(data.train_y, torch.from_numpy(labels))
+    test = "test_batch" if name == "cifar10" else "test"
+    assert torch.equal(data.test_y, torch.tensor(written[test][1]))
+    assert data.num_classes == (10 if name == "cifar10" else 100)
+    # The release folder itself works as the directory too.
+    assert torch.equal(data_module.load_cifar(folder, name, val_size=0).test_x, data.test_x)
+
+
+def test_load_cifar_validation_split_and_registry(tmp_path):
+    fake_cifar(tmp_path)
+    data = data_module.load("cifar10", dir=tmp_path, val_size=30, seed=1)
+    assert len(data.val_x) == 30 and len(data.train_x) == 70
+    whole = data_module.load_cifar(tmp_path, val_size=0)
+    together = torch.cat([data.train_x, data.val_x]).flatten(1)
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, whole.train_x.flatten(1).tolist()))
+    again = data_module.load("cifar10", dir=tmp_path, val_size=30, seed=1)
+    assert torch.equal(again.val_y, data.val_y)
+
+
+def test_load_cifar_from_environment_variable(tmp_path, monkeypatch):
+    fake_cifar(tmp_path)
+    monkeypatch.setenv(data_module.CIFAR_ENV, str(tmp_path))
+    assert len(data_module.load_cifar(val_size=0).train_x) == 100
+
+
+def test_cifar_missing_directory_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.delenv(data_module.CIFAR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        data_module.load_cifar(tmp_path / "nowhere")
+    message = str(e.value)
+    print(message)
+    assert "cifar-10-batches-py" in message and "cifar-10-python.tar.gz" in message and "FBALIGN_CIFAR_DIR" in message
+    with pytest.raises(FileNotFoundError, match="no directory given"):
+        data_module.load_cifar()
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        data_module.load_cifar(tmp_path, "cifar100")
+
+
+def test_cifar_missing_file_is_named(tmp_path):
+    folder, _ = fake_cifar(tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3 is missing") as e:
+        data_module.load_cifar(tmp_path)
+    print(e.value)
+
+
+def test_cifar_truncated_or_corrupt_file_is_named(tmp_path):
+    folder, _ = fake_cifar(tmp_path)
+    raw = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="data_batch_2 is truncated or corrupt") as e:
+        data_module.load_cifar(tmp_path)
+    print(e.value)
+    (folder / "data_batch_2").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match="data_batch_2"):
+        data_module.load_cifar(tmp_path)
+    fake_cifar(tmp_path)
+    with open(folder / "test_batch", "wb") as f:  # whole, but the wrong content
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, f)
+    with pytest.raises(ValueError, match=r"test_batch: b'data' should be uint8 of shape \(N, 3072\)"):
+        data_module.load_cifar(tmp_path)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="4 images but 2 labels"):
+        data_module.load_cifar(tmp_path)
+
+
+def test_cifar_pickle_may_not_run_code(tmp_path):
+    folder, _ = fake_cifar(tmp_path)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": print, b"labels": []}, f)
+    with pytest.raises(ValueError, match="test_batch is truncated or corrupt.*builtins.print"):
+        data_module.load_cifar(tmp_path)
+
+
+def test_augment_crops_and_flips_each_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    same = data_module.augment(x, crop_padding=0, flip=False)
+    assert torch.equal(same, x)
+    gen = torch.Generator().manual_seed(0)
+    out = data_module.augment(x.repeat(64, 1, 1, 1), crop_padding=2, generator=gen)
+    assert out.shape == (128, 3, 8, 8)
+    padded = torch.nn.functional.pad(x.repeat(64, 1, 1, 1), (2, 2, 2, 2))
+    flips = 0
+    for i in range(len(out)):  # every output is one window of the padded image, possibly mirrored
+        windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
+        plain = any(torch.equal(out[i], w) for w in windows)
+        mirrored = any(torch.equal(out[i], w.flip(-1)) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 30 < flips < 98  # about half mirrored
+    with pytest.raises(ValueError, match="images"):
+        data_module.augment(torch.zeros(4, 10))
+
+
+def test_augment_batch_hook_is_off_by_default_and_reproducible():
+    x = torch.rand(5, 3, 32, 32)
+    assert data_module.augment_batch(x, False, seed=0, step=3) is x
+    a = data_module.augment_batch(x, True, seed=0, step=3)
+    assert torch.equal(a, data_module.augment_batch(x, True, seed=0, step=3))
+    assert not torch.equal(a, data_module.augment_batch(x, True, seed=0, step=4))
+
+
+def test_cifar_config_trains_with_augmentation(tmp_path):
+    from fbalign.train import train
+
+    fake_cifar(tmp_path, per_file=16)
+    config = Config.model_validate({"epochs": 1, "batch_size": 16, "rule": "fa", "threads": 1,
+                                    "model": {"name": "mlp", "hidden": [8]},
+                                    "data": {"name": "cifar10", "dir": str(tmp_path), "val_size": 16,
+                                             "normalize": True, "augment": True},
+                                    "log": {"progress": False}}).check()
+    result = train(config)
+    assert result.final["epoch"] == 1 and math.isfinite(result.final["test_loss"])
+    assert "val_loss" in result.final
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_cifar10_resnet20_benchmark_configs(name, tmp_path):
+    """configs/cifar10_resnet20_*.toml: BioTorch's protocol, and the model is He et al.'s CIFAR ResNet-20
+    (3 stages of 3 basic blocks, 16/32/64 channels, ~0.27M parameters)."""
+    from pathlib import Path
+
+    from fbalign import models
+    from fbalign.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / f"cifar10_resnet20_{name}.toml")
+    assert (config.epochs, config.batch_size, config.data.name, config.data.augment) == (250, 128, "cifar10", True)
+    assert config.optimizer.name == name and config.optimizer.options["weight_decay"] == 1e-4
+    assert config.optimizer.lr == (0.1 if name == "sgd" else 1e-3)
+    assert config.schedule.options == {"milestones": [100, 150, 200], "gamma": 0.1}
+    model = models.build("resnet", input_shape=(3, 32, 32), num_outputs=10, **config.model.options)
+    blocks = [m for m in model.modules() if isinstance(m, models.BasicBlock)]
+    assert len(blocks) == 9 and [b.conv2.out_channels for b in blocks] == [16] * 3 + [32] * 3 + [64] * 3
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6

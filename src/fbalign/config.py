@@ -145,6 +145,7 @@ class DataConfig(_Choice):
     validation: int = Field(default=0, ge=0)
     train_size: int | None = Field(default=None, ge=1)
     normalize: bool = False
+    augment: bool = False  # training batches: random 4-pixel-padded crop + horizontal flip (fbalign.data.augment)
 
     @property
     def options(self) -> dict[str, Any]:

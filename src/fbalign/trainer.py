@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, rundir
+from . import data as data_module
 from .config import Config
 from .data import TensorDataset
 from .distributed import Ranks, reduce_step
@@ -183,8 +184,11 @@ class Trainer:
         """This rank's slice of the next global batch (the whole batch for one process)."""
         size = self.cfg.batch_size
         idx = self.perm[self.batch * size:(self.batch + 1) * size]
-        idx = idx[self.ranks.rank * self.rank_batch:(self.ranks.rank + 1) * self.rank_batch]
-        return self.data.train_x[idx], self.data.train_y[idx]
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        # Augmented as one global batch, then sliced: every world size sees the same augmented examples.
+        x = data_module.augment_batch(x, self.cfg.data.augment, seed=self.cfg.seed, step=self.step)
+        mine = slice(self.ranks.rank * self.rank_batch, (self.ranks.rank + 1) * self.rank_batch)
+        return x[mine], y[mine]
 
     def after_step(self, out: Tensor, y: Tensor, loss: Tensor, stop: Stop) -> bool:
         """Everything after an optimizer step: record the loss, check it is finite, log, checkpoint, and stop
