@@ -9,4 +9,5 @@ PAPERS: dict[str, str] = {
     "lillicrap2016": "fbalign.experiments.lillicrap2016",
     "liao2016": "fbalign.experiments.liao2016",
     "open-questions": "fbalign.experiments.open_questions",
+    "transformers": "fbalign.experiments.transformers",
 }

@@ -1,0 +1,185 @@
+"""fbalign reproduce transformers: the corpus, the model, the per-block alignment and the whole experiment at a tiny
+scale (seconds), with properties that must hold at any scale."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fbalign
+from fbalign.experiments import PAPERS, common
+from fbalign.experiments import transformers as tx
+
+TINY = {"seeds": 2, "layers": 2, "d_model": 16, "heads": 2, "d_ff": 32, "context": 16, "batch": 8, "steps": 12,
+        "lr": 3e-3, "warmup": 2, "dropout": 0.0, "eval_every": 6, "val_chars": 1200, "probe_batch": 4,
+        "sample_chars": 20}
+
+
+@pytest.fixture
+def tiny(monkeypatch, one_thread):
+    monkeypatch.setitem(tx.LM_SCALE, "quick", dict(TINY))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return tx.load_corpus()
+
+
+def _context(tmp_path, **kw):
+    return common.Context(paper="transformers", out_dir=tmp_path / "out", progress=False, **kw)
+
+
+def test_registered():
+    assert PAPERS["transformers"] == "fbalign.experiments.transformers"
+    assert [e.name for e in tx.EXPERIMENTS] == ["lm"]
+
+
+def test_default_corpus_holds_out_whole_documents(corpus):
+    from pydoc_data.topics import topics
+
+    total = sum(len(t) for t in topics.values())
+    assert corpus.documents[0] + corpus.documents[1] == len(topics)
+    # about a tenth of the characters, in whole topics (the joins add two characters per document)
+    assert 0.08 * total < len(corpus.val) <= 0.1 * total + 2 * corpus.documents[1]
+    assert len(corpus.train) + len(corpus.val) == total + 2 * (len(topics) - 2)
+    assert corpus.decode(corpus.encode("The assert statement").tolist()) == "The assert statement"
+    assert tx.load_corpus().sha256 == corpus.sha256  # the same split every time
+    base = tx.ngram_bits(corpus)
+    assert 3.0 < base["bigram"] < base["unigram"] < math.log2(len(corpus.vocab))
+
+
+def test_corpus_from_a_file_and_bad_input(tmp_path):
+    text = "".join(f"Line {i} of a small English text, with words.\n" for i in range(200))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    found = tx.load_corpus(str(tmp_path / "t.txt"))
+    assert found.name == "t.txt" and found.documents == (0, 0)
+    assert found.decode(found.train.tolist()) + found.decode(found.val.tolist()) == text
+    assert found.decode(found.val.tolist()).startswith("Line ")  # cut at a line break
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        tx.load_corpus(str(tmp_path / "missing.txt"))
+    (tmp_path / "short.txt").write_text("too short", encoding="utf-8")
+    with pytest.raises(ValueError, match="at least"):
+        tx.load_corpus(str(tmp_path / "short.txt"))
+
+
+def test_model_is_causal_and_checks_its_context(one_thread):
+    torch.manual_seed(0)
+    model = tx.CharTransformer(vocab=11, context=8, d_model=16, heads=2, d_ff=32, layers=2).eval()
+    ids = torch.randint(11, (3, 8))
+    later = ids.clone()
+    later[:, 5:] = (later[:, 5:] + 1) % 11
+    with torch.no_grad():
+        a, b = model(ids), model(later)
+    assert a.shape == (3, 8, 11)
+    torch.testing.assert_close(a[:, :5], b[:, :5])  # no position sees a later character
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 9, dtype=torch.int64))
+
+
+def _batch(corpus, cfg):
+    return tx.sequences(corpus.train, cfg["context"], 4, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("condition", ["backprop"])
+def test_backprop_aligns_exactly(corpus, condition, one_thread):
+    """Plain torch, and the backprop rule through convert: every angle is 0 (the rule's pass is backprop's)."""
+    model = tx.build(condition, TINY, len(corpus.vocab), seed=0)
+    with pytest.warns(fbalign.UnconvertedModuleWarning):  # until convert() converts attention
+        converted = fbalign.convert(model, "backprop")
+    for candidate in (model, converted):
+        found = tx.block_alignment(candidate, list(candidate.blocks), *_batch(corpus, TINY))
+        assert found["angle_dh_bp"] == pytest.approx([0.0, 0.0], abs=1e-3)
+        assert found["angle_grad_bp"] == pytest.approx([0.0, 0.0], abs=1e-3)
+
+
+@pytest.mark.parametrize("condition", ["fa", "dfa"])
+def test_rules_send_another_error_to_every_block(corpus, condition, one_thread):
+    """fa and dfa change the error at every block's output, and leave training's random state alone."""
+    model = tx.build(condition, TINY, len(corpus.vocab), seed=0)
+    state = torch.get_rng_state()
+    found = tx.block_alignment(model, list(model.blocks), *_batch(corpus, TINY))
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(5.0 < a < 180.0 for a in found["angle_dh_bp"]), found
+    assert all(5.0 < a < 180.0 for a in found["angle_grad_bp"]), found
+    assert all(p.grad is None for p in model.parameters())  # measuring writes no gradient
+
+
+def test_same_start_for_every_condition(corpus):
+    plain = tx.build("backprop", TINY, len(corpus.vocab), seed=3)
+    for condition in ("fa", "usf", "dfa"):
+        converted = tx.build(condition, TINY, len(corpus.vocab), seed=3)
+        torch.testing.assert_close(converted.blocks[1].linear2.weight, plain.blocks[1].linear2.weight)
+    with pytest.raises(ValueError, match="unknown condition"):
+        tx.build("kp-typo", TINY, len(corpus.vocab), seed=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Progress:
+    """A progress bar that interrupts the run at a given step, as Ctrl-C would."""
+
+    def __init__(self, stop_at):
+        self.steps, self.stop_at = 0, stop_at
+
+    def update(self, n):
+        self.steps += n
+        if self.steps == self.stop_at:
+            raise _Stop
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(corpus, tmp_path, one_thread):
+    cfg = dict(TINY, steps=12, eval_every=4, dropout=0.1)  # dropout: the random stream is restored too
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = tx.train_run("fa", 0, cfg, corpus, torch.device("cpu"), tmp_path / "a")
+    with pytest.raises(_Stop):
+        tx.train_run("fa", 0, cfg, corpus, torch.device("cpu"), tmp_path / "b", progress=_Progress(stop_at=10))
+    assert (tmp_path / "b" / "fa-seed0.pt").exists()  # the checkpoint of step 8
+    resumed = tx.train_run("fa", 0, cfg, corpus, torch.device("cpu"), tmp_path / "b", resume=True)
+    assert resumed["history"] == whole["history"]
+    assert resumed["val_bpc"] == whole["val_bpc"]
+    assert not (tmp_path / "b" / "fa-seed0.pt").exists()
+    # a finished run is reused as it is
+    (tmp_path / "b" / "fa-seed0.json").write_text(json.dumps(dict(resumed, val_bpc=1.5)))
+    assert tx.train_run("fa", 0, cfg, corpus, torch.device("cpu"), tmp_path / "b", resume=True)["val_bpc"] == 1.5
+
+
+def test_a_run_whose_loss_turns_nan_is_reported_diverged(corpus, tmp_path, one_thread, monkeypatch):
+    real = tx.build
+
+    def poisoned(*args, **kw):
+        model = real(*args, **kw)
+        with torch.no_grad():
+            model.head.bias.fill_(math.nan)
+        return model
+
+    monkeypatch.setattr(tx, "build", poisoned)
+    found = tx.train_run("usf", 0, dict(TINY, steps=8, eval_every=4), corpus, torch.device("cpu"), tmp_path)
+    assert found["diverged_at"] == 4 and math.isnan(found["val_bpc"])
+
+
+def test_reproduce_end_to_end(tmp_path, tiny):
+    ctx = _context(tmp_path)
+    results = common.reproduce(tx, ctx)
+    lm = results["experiments"]["lm"]
+    conditions = lm["conditions"]
+    assert conditions[:5] == ["backprop", "fa", "usf", "frsf", "dfa"]
+    assert len(lm["runs"]) == len(conditions) * TINY["seeds"]
+    for run in lm["runs"]:
+        assert math.isfinite(run["val_bpc"]) and run["val_bpc"] < math.log2(lm["corpus"]["vocab"]) + 1
+        assert run["history"]["step"] == [6, 12]
+        assert len(run["history"]["angle_dh_bp"][-1]) == TINY["layers"]
+        if run["condition"] == "backprop":
+            assert run["history"]["angle_dh_bp"][-1] == pytest.approx([0.0, 0.0], abs=1e-3)
+    assert all(run["sample"] for run in lm["runs"] if run["seed"] == 0)
+    report = (ctx.out_dir / common.REPORT).read_text()
+    assert "Beside Launay et al. (2020)" in report and "pydoc-topics" in report
+    assert (ctx.out_dir / lm["figure"]).stat().st_size > 10_000
+    again = common.reproduce(tx, _context(tmp_path, resume=True))
+    assert again["experiments"]["lm"]["runs"] == lm["runs"]
