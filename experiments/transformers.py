@@ -387,9 +387,10 @@ def train_run(condition: str, seed: int, cfg: dict[str, Any], corpus: Corpus, de
     """
     name = f"{condition}-seed{seed}"
     done, checkpoint = folder / f"{name}.json", folder / f"{name}.pt"
+    made_with = {"settings": {k: v for k, v in cfg.items() if k != "seeds"}, "corpus_sha256": corpus.sha256}
     if resume and done.exists():
         found = json.loads(done.read_text())
-        if found.get("corpus_sha256") == corpus.sha256:
+        if all(found.get(k) == v for k, v in made_with.items()):
             return found
     model = build(condition, cfg, len(corpus.vocab), seed).to(device)
     blocks = list(model.blocks)
@@ -404,7 +405,7 @@ def train_run(condition: str, seed: int, cfg: dict[str, Any], corpus: Corpus, de
     step, seconds, diverged_at = 0, 0.0, None
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint, map_location=device)
-        if state["corpus_sha256"] == corpus.sha256:
+        if all(json.loads(state["made_with"]).get(k) == v for k, v in made_with.items()):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -443,12 +444,12 @@ def train_run(condition: str, seed: int, cfg: dict[str, Any], corpus: Corpus, de
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "random": rng_state(batches),
                              "history": json.dumps(history), "step": step, "seconds": time.perf_counter() - start,
-                             "corpus_sha256": corpus.sha256}, checkpoint)
+                             "made_with": json.dumps(made_with)}, checkpoint)
     elapsed = time.perf_counter() - start
     final = history["val_bpc"][-1] if diverged_at is None and history["val_bpc"] else math.nan
     result = {"condition": condition, "seed": seed, "steps": step, "diverged_at": diverged_at, "val_bpc": final,
               "history": history, "seconds": elapsed, "seconds_per_step": elapsed / max(step, 1),
-              "unconverted": sorted(fbalign.unconverted(model)), "corpus_sha256": corpus.sha256,
+              "unconverted": sorted(fbalign.unconverted(model)) if condition != "backprop" else [], **made_with,
               "summary": fbalign.summary(model) if sample and condition != "backprop" else "",
               "sample": _sample(model, corpus, corpus.decode(corpus.val[:16].tolist()), cfg["sample_chars"], device,
                                 seed)
