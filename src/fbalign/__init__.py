@@ -5,7 +5,7 @@
     >>> print(fbalign.summary(model))
 """
 
-from . import dfa, functional, metrics, nn, optim, perturbation, plastic, rules
+from . import attention, dfa, functional, metrics, nn, optim, perturbation, plastic, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
 from .nn import exact_backprop, feedback_layers
 from .perturbation import NodePerturbation
@@ -15,5 +15,5 @@ from .rules import FeedbackRule
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "optim", "dfa", "plastic", "mirror", "perturbation", "NodePerturbation",
+           "functional", "metrics", "optim", "dfa", "attention", "plastic", "mirror", "perturbation", "NodePerturbation",
            "exact_backprop", "feedback_layers", "__version__"]
