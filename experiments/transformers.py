@@ -449,7 +449,7 @@ def train_run(condition: str, seed: int, cfg: dict[str, Any], corpus: Corpus, de
     final = history["val_bpc"][-1] if diverged_at is None and history["val_bpc"] else math.nan
     result = {"condition": condition, "seed": seed, "steps": step, "diverged_at": diverged_at, "val_bpc": final,
               "history": history, "seconds": elapsed, "seconds_per_step": elapsed / max(step, 1),
-              "unconverted": sorted(fbalign.unconverted(model)) if condition != "backprop" else [], **made_with,
+              "unconverted": fbalign.unconverted(model) if condition != "backprop" else {}, **made_with,
               "summary": fbalign.summary(model) if sample and condition != "backprop" else "",
               "sample": _sample(model, corpus, corpus.decode(corpus.val[:16].tolist()), cfg["sample_chars"], device,
                                 seed)
@@ -657,11 +657,15 @@ def report_lm(results: dict[str, Any], section: Report, ctx: Context) -> None:
                  "with β2 = 0.999 and a plateau schedule); we ran every rule with the same untuned AdamW, a small "
                  "model and a short budget, so our gaps are for this setting and say nothing about what tuning "
                  "recovers. The paper has no fa, usf or frsf transformer; their rows above are ours alone.")
-    kept = sorted({m for runs in by_condition.values() for r in runs for m in r["unconverted"]})
-    if kept:
-        section.text("Modules that kept exact backprop (weight transport) under the rules: "
-                     + ", ".join(f"`{m}`" for m in kept) + ". The token and position embeddings learn from the error "
-                     "that reaches them and send none further, so they need no rule.")
+    kept = {m: why for runs in by_condition.values() for r in runs for m, why in r["unconverted"].items()}
+    lookups = sorted(m for m, why in kept.items() if why.startswith(("Embedding", "EmbeddingBag")))
+    transport = sorted(set(kept) - set(lookups))
+    section.text("Under every rule, every weight matrix takes the rule (attention's projections included) but "
+                 + (", ".join(f"`{m}`" for m in lookups) or "none") + ": embeddings learn from the error that "
+                 "reaches them and send none further, so there is no weight transport to replace."
+                 + (" **Still on exact backprop (weight transport)**: " + "; ".join(f"`{m}` ({kept[m]})"
+                                                                                   for m in transport) + "."
+                    if transport else ""))
     samples = [(r["condition"], r["sample"]) for r in results["runs"] if r["sample"]]
     if samples:
         section.text("Text sampled from each seed-0 model after a 16-character prompt from the validation text "

@@ -182,6 +182,8 @@ def test_reproduce_end_to_end(tmp_path, tiny):
         assert len(run["history"]["angle_dh_bp"][-1]) == TINY["layers"]
         if run["condition"] == "backprop":
             assert run["history"]["angle_dh_bp"][-1] == pytest.approx([0.0, 0.0], abs=1e-3)
+        else:  # attention's projections take the rule; only the embeddings (nothing to convert) are left
+            assert set(run["unconverted"]) == {"embed", "position"}
     assert all(run["sample"] for run in lm["runs"] if run["seed"] == 0)
     report = (ctx.out_dir / common.REPORT).read_text()
     assert "Beside Launay et al. (2020)" in report and "pydoc-topics" in report
