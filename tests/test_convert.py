@@ -155,12 +155,16 @@ def test_custom_weights_and_rnns_are_reported_by_name():
         def forward(self, x):
             return super().forward(x) * 2
 
-    model = nn.Sequential(nn.Linear(3, 3), Custom(), nn.LSTM(3, 3), nn.LayerNorm(3), LoRALinear(3, 3))
+    class MyLSTM(nn.LSTM):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    model = nn.Sequential(nn.Linear(3, 3), Custom(), MyLSTM(3, 3), nn.LayerNorm(3), LoRALinear(3, 3), nn.GRU(3, 3))
     with pytest.warns(UnconvertedModuleWarning) as caught:
         fbalign.convert(model, "fa")
     message = str(caught[0].message)
     assert "3 module(s)" in message
-    assert "1: Custom" in message and "2: LSTM" in message and "4: LoRALinear" in message
+    assert "1: Custom" in message and "2: MyLSTM" in message and "4: LoRALinear" in message
     assert "LayerNorm" not in message
 
 
@@ -179,3 +183,80 @@ def test_summary_lists_layers_rules_and_unconverted_modules():
     assert "magnitude(8, 4, 3, 3)" in text
     assert "13 feedback layer(s)" in text
     assert "attention.in_proj" in text and "embed: Embedding" in text
+
+
+# --- per-layer rules: {pattern: rule} ------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.Flatten())
+        self.hidden = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(self.features(x))))
+
+
+def _rules_of(model):
+    return {name: layer.rule.name for name, layer in fbalign.feedback_layers(model)}
+
+
+def test_mapping_last_layer_on_backprop():
+    model = fbalign.convert(Classifier(), {"head": "backprop", "*": "fa"}, seed=0)
+    assert _rules_of(model) == {"features.0": "fa", "features.2": "fa", "hidden": "fa", "head": "backprop"}
+    text = fbalign.summary(model)
+    assert "backprop" in text and "left as torch's" not in text
+
+
+def test_mapping_by_class_pbp_on_linears_fa_on_convolutions_with_options():
+    model = fbalign.convert(Classifier(), {nn.Linear: "pbp", nn.Conv2d: ("fa", {"init": "gaussian"})}, seed=1)
+    assert _rules_of(model) == {"features.0": "fa", "features.2": "fa", "hidden": "pbp", "head": "pbp"}
+    assert model.features[0].rule.init == "gaussian"
+    x = torch.randn(2, 1, 6, 6)
+    model(x).sum().backward()
+    assert model.features[0].weight.grad is not None
+
+
+def test_mapping_usf_everywhere_but_attention_and_globs_reach_transformer_layers():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = nn.Sequential()
+    model.add_module("encoder", nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    converted = fbalign.convert(model, {nn.MultiheadAttention: "backprop", "*": "usf"})
+    rules_of = _rules_of(converted)
+    assert rules_of["encoder.layers.0.self_attn.in_proj"] == "backprop"
+    assert rules_of["encoder.layers.1.self_attn.out_proj"] == "backprop"
+    assert rules_of["encoder.layers.0.linear1"] == rules_of["encoder.layers.1.linear2"] == "usf"
+    only = fbalign.convert(model, {"encoder.layers.*.linear1": "fa", "encoder.layers.0.self_attn.in_proj": "kp"})
+    assert _rules_of(only) == {"encoder.layers.0.self_attn.in_proj": "kp", "encoder.layers.0.linear1": "fa",
+                               "encoder.layers.1.linear1": "fa"}
+    # unmatched layers stay torch's: layer 1's attention is still torch's own module
+    assert type(only.encoder.layers[1].self_attn) is nn.MultiheadAttention
+    assert type(only.encoder.layers[0].linear2) is nn.Linear
+    assert "left as torch's" in fbalign.summary(only)
+
+
+def test_mapping_first_match_wins_and_star_is_the_default_wherever_it_stands():
+    model = fbalign.convert(Classifier(), {"*": "usf", "features": "fa", "features.0": "backprop"}, seed=0)
+    assert _rules_of(model) == {"features.0": "fa", "features.2": "fa", "hidden": "usf", "head": "usf"}
+
+
+def test_mapping_errors_name_the_problem_and_change_nothing():
+    model = Classifier()
+    with pytest.raises(ValueError, match=r"'heads?' match no module|'heads' match no module"):
+        fbalign.convert(model, {"heads": "backprop", "*": "fa"}, inplace=True)
+    with pytest.raises(ValueError, match="nn.LSTM|LSTM"):
+        fbalign.convert(model, {nn.LSTM: "fa"}, inplace=True)
+    with pytest.raises(TypeError, match="in the mapping"):
+        fbalign.convert(model, {"*": "fa"}, init="gaussian")
+    with pytest.raises(ValueError, match="valid rules are"):
+        fbalign.convert(model, {"head": "bogus"}, inplace=True)
+    with pytest.raises(TypeError, match="rule, {option: value}"):
+        fbalign.convert(model, {"head": ("fa", "gaussian")}, inplace=True)
+    assert type(model.head) is nn.Linear and type(model.features[0]) is nn.Conv2d
+
+
+def test_mapping_with_dfa_and_a_backprop_head_trains():
+    model = fbalign.convert(Classifier(), {"head": "backprop", "*": "dfa"}, seed=0)
+    model(torch.randn(3, 1, 6, 6)).sum().backward()
+    assert model.features[0].weight.grad is not None and "dfa" in fbalign.summary(model)

@@ -5,8 +5,9 @@
     >>> print(fbalign.summary(model))
 """
 
-from . import attention, dfa, functional, metrics, nn, optim, perturbation, plastic, rules
+from . import attention, dfa, functional, metrics, nn, optim, perturbation, plastic, recurrent, rules
 from .convert import UnconvertedModuleWarning, convert, summary, unconverted
+from .dfa_points import dfa_points
 from .nn import exact_backprop, feedback_layers
 from .perturbation import NodePerturbation
 from .plastic import mirror
@@ -15,5 +16,5 @@ from .rules import FeedbackRule
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "optim", "dfa", "attention", "plastic", "mirror", "perturbation", "NodePerturbation",
-           "exact_backprop", "feedback_layers", "__version__"]
+           "functional", "metrics", "optim", "dfa", "attention", "recurrent", "plastic", "mirror", "perturbation", "NodePerturbation",
+           "exact_backprop", "feedback_layers", "dfa_points", "__version__"]

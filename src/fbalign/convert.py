@@ -24,6 +24,10 @@ _CONVERTIBLE: dict[type[nn.Module], type[fbnn.FeedbackLayer]] = {
     nn.Conv1d: fbnn.Conv1d,
     nn.Conv2d: fbnn.Conv2d,
     nn.Conv3d: fbnn.Conv3d,
+    nn.ConvTranspose1d: fbnn.ConvTranspose1d,
+    nn.ConvTranspose2d: fbnn.ConvTranspose2d,
+    nn.ConvTranspose3d: fbnn.ConvTranspose3d,
+    nn.Bilinear: fbnn.Bilinear,
 }
 
 # Modules whose weights torch applies inside its own functional code or fused kernels: fbalign cannot
@@ -243,6 +247,7 @@ def convert(model: _M, rule: RuleSpec | Mapping[Pattern, RuleSpec] = "fa", *, in
     restructured: dict[int, nn.Module] = {}
     layers: dict[int, tuple[nn.Module, FeedbackRule]] = {}
     edits: list[tuple[nn.Module, str, nn.Module]] = []
+    left_by_choice: set[str] = set()  # attention/recurrent modules no pattern chose: no warning for them
 
     def governs(module: nn.Module, lineage: list[tuple[str, nn.Module]]) -> bool:
         """Whether some layer inside ``module`` (or itself) gets a rule; plans it when so."""
@@ -269,6 +274,8 @@ def convert(model: _M, rule: RuleSpec | Mapping[Pattern, RuleSpec] = "fa", *, in
                     restructured[id(child)] = rebuilt
                     edits.append((module, child_name, rebuilt))
                     any_rule = True
+                else:
+                    left_by_choice.add(path)
                 continue
             any_rule |= governs(child, [*lineage, (path, child)])
         return any_rule
@@ -306,7 +313,7 @@ def convert(model: _M, rule: RuleSpec | Mapping[Pattern, RuleSpec] = "fa", *, in
     for template in setups.values():
         if any(type(r) is type(template) for _, r in layers.values()):
             template.setup_model(model)
-    skipped = unconverted(model)
+    skipped = {name: why for name, why in unconverted(model).items() if name not in left_by_choice}
     if skipped:
         listed = "\n".join(f"  {name}: {why}" for name, why in skipped.items())
         warnings.warn(f"convert(): {len(skipped)} module(s) keep exact backprop (weight transport):\n{listed}",
@@ -326,6 +333,10 @@ def summary(model: nn.Module) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     n_layers = len(rows) - 1
     lines.append(f"{n_layers} feedback layer(s)")
+    plain = [name for name, module in model.named_modules()
+             if name and not isinstance(module, fbnn.FeedbackLayer) and _convertible(module) is not None]
+    if plain:
+        lines.append(f"{len(plain)} layer(s) left as torch's (exact backprop): {', '.join(plain)}")
     lines.extend(wiring.describe() for wiring in fbnn.ModelWiring.installed(model))
     skipped = unconverted(model)
     if skipped:

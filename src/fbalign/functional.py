@@ -180,3 +180,128 @@ def conv(
     out = _FeedbackConv.apply(input, weight, bias, feedback, tuple(stride), tuple(padding), tuple(dilation), groups,
                               feedback_nonlinearity)
     return out.squeeze(0) if unbatched else out
+
+
+# --- transposed convolution and bilinear (fbalign.nn.ConvTranspose1d/2d/3d, fbalign.nn.Bilinear) -------------------
+
+class _FeedbackConvTranspose(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                stride: tuple[int, ...], padding: tuple[int, ...], output_padding: tuple[int, ...], groups: int,
+                dilation: tuple[int, ...], nonlinearity: Nonlinearity | None) -> Tensor:
+        ctx.conv_args = (stride, padding, output_padding, groups, dilation)
+        ctx.nonlinearity = nonlinearity
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.has_feedback = isinstance(feedback, Tensor)
+        ctx.send_down = None if feedback is None or ctx.has_feedback else feedback
+        ctx.save_for_backward(input, feedback if ctx.has_feedback else weight)
+        return torch.convolution(input, weight, bias, list(stride), list(padding), list(dilation), True,
+                                 list(output_padding), groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, feedback = ctx.saved_tensors
+        stride, padding, output_padding, groups, dilation = ctx.conv_args
+        mask = [ctx.needs_input_grad[0] and ctx.has_feedback, ctx.needs_input_grad[1],
+                ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        # As for _FeedbackConv: the feedback kernel in the weight's slot; the weight gradient stays exact.
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, input, feedback, ctx.bias_sizes, list(stride), list(padding), list(dilation), True,
+            list(output_padding), groups, mask)
+        if grad_input is not None and ctx.nonlinearity is not None:
+            grad_input = ctx.nonlinearity(grad_input)
+        if ctx.send_down is not None and ctx.needs_input_grad[0]:
+            grad_input = ctx.send_down(grad_output, input)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def conv_transpose(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                   stride: Sequence[int], padding: Sequence[int], output_padding: Sequence[int], groups: int = 1,
+                   dilation: Sequence[int] = (1,), feedback_scale: Tensor | float | None = None,
+                   feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
+    """``F.conv_transpose{1,2,3}d`` whose error reaches ``input`` through ``feedback · feedback_scale``: the input
+    gradient is the convolution of the error with ``feedback`` in place of the kernel.
+
+    Shapes: input ``(N, C_in, *spatial)`` or unbatched, weight and feedback ``(C_in, C_out / groups, *kernel)``.
+    """
+    if isinstance(feedback, Tensor):
+        if feedback.shape != weight.shape:
+            raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")
+        if feedback_scale is not None:
+            feedback = feedback * feedback_scale
+    unbatched = input.dim() == weight.dim() - 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if isinstance(feedback, Tensor):
+        input, weight, bias, feedback = autocast_args(input, weight, bias, feedback)
+    else:
+        input, weight, bias = autocast_args(input, weight, bias)
+    n = weight.dim() - 2
+    expand = (lambda v: tuple(v) * n if len(tuple(v)) == 1 else tuple(v))  # noqa: E731
+    out = _FeedbackConvTranspose.apply(input, weight, bias, feedback, expand(stride), expand(padding),
+                                       expand(output_padding), groups, expand(dilation), feedback_nonlinearity)
+    return out.squeeze(0) if unbatched else out
+
+
+class _FeedbackBilinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, joined: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                feedback_scale: Tensor | float | None, nonlinearity: Nonlinearity | None) -> Tensor:
+        ctx.has_bias = bias is not None
+        ctx.send_down = None if feedback is None or isinstance(feedback, Tensor) else feedback
+        ctx.has_feedback = isinstance(feedback, Tensor)
+        ctx.feedback_scale, ctx.nonlinearity = feedback_scale, nonlinearity
+        ctx.save_for_backward(joined, weight, feedback if ctx.has_feedback else None)
+        x1, x2 = joined.split([weight.shape[1], weight.shape[2]], dim=-1)
+        return F.bilinear(x1, x2, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        joined, weight, feedback = ctx.saved_tensors
+        x1, x2 = joined.split([weight.shape[1], weight.shape[2]], dim=-1)
+        grad_joined = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0] and ctx.send_down is not None:
+            grad_joined = ctx.send_down(grad_output, joined)
+        elif ctx.needs_input_grad[0] and ctx.has_feedback:
+            matrix = feedback if ctx.feedback_scale is None else feedback * ctx.feedback_scale
+            grad_x1 = torch.einsum("...o,oij,...j->...i", grad_output, matrix, x2)
+            grad_x2 = torch.einsum("...o,oij,...i->...j", grad_output, matrix, x1)
+            grad_joined = torch.cat([grad_x1, grad_x2], dim=-1)
+            if ctx.nonlinearity is not None:
+                grad_joined = ctx.nonlinearity(grad_joined)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.einsum("...o,...i,...j->oij", grad_output, x1, x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_joined, grad_weight, grad_bias, None, None, None
+
+
+def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+             feedback_scale: Tensor | float | None = None,
+             feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
+    """``F.bilinear`` whose error reaches both inputs through ``feedback · feedback_scale`` in place of the weight:
+    ``grad_input1 = g · V · x2``, ``grad_input2 = g · V · x1`` (V has the weight's shape ``(out, in1, in2)``).
+
+    Shapes: inputs ``(*, in1)`` and ``(*, in2)``, output ``(*, out)``. A callable ``feedback`` receives
+    ``(grad_output, joined)`` with ``joined = cat([input1, input2], -1)`` and returns its gradient.
+    """
+    return bilinear_joined(torch.cat([input1, input2], dim=-1), weight, bias, feedback, feedback_scale,
+                           feedback_nonlinearity)
+
+
+def bilinear_joined(joined: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | SendDown | None,
+                    feedback_scale: Tensor | float | None = None,
+                    feedback_nonlinearity: Nonlinearity | None = None) -> Tensor:
+    """:func:`bilinear` on ``cat([input1, input2], -1)`` (how ``fbalign.nn.Bilinear`` hands its inputs to a rule)."""
+    if isinstance(feedback, Tensor) and feedback.shape != weight.shape:
+        raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
+    if isinstance(feedback, Tensor):
+        joined, weight, bias, feedback = autocast_args(joined, weight, bias, feedback)
+    else:
+        joined, weight, bias = autocast_args(joined, weight, bias)
+    return _FeedbackBilinear.apply(joined, weight, bias, feedback, feedback_scale, feedback_nonlinearity)
+
+
+__all__ += ["conv_transpose", "bilinear", "bilinear_joined"]
