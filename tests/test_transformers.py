@@ -98,9 +98,10 @@ def test_backprop_aligns_exactly(corpus, condition, one_thread):
         assert found["angle_grad_bp"] == pytest.approx([0.0, 0.0], abs=1e-3)
 
 
-@pytest.mark.parametrize("condition", ["fa", "dfa"])
+@pytest.mark.parametrize("condition", ["fa", "dfa", "dfa-points"])
 def test_rules_send_another_error_to_every_block(corpus, condition, one_thread):
-    """fa and dfa change the error at every block's output, and leave training's random state alone."""
+    """fa, dfa and DFA points change the error at every block's output; measuring leaves training's random state
+    alone."""
     model = tx.build(condition, TINY, len(corpus.vocab), seed=0)
     state = torch.get_rng_state()
     found = tx.block_alignment(model, list(model.blocks), *_batch(corpus, TINY))
@@ -108,6 +109,19 @@ def test_rules_send_another_error_to_every_block(corpus, condition, one_thread):
     assert all(5.0 < a < 180.0 for a in found["angle_dh_bp"]), found
     assert all(5.0 < a < 180.0 for a in found["angle_grad_bp"]), found
     assert all(p.grad is None for p in model.parameters())  # measuring writes no gradient
+
+
+def test_dfa_points_measure_the_injected_error(corpus, one_thread):
+    """Under DFA points, Δh at block k's output is e · B_k by hand, e the loss's gradient at the logits."""
+    model = tx.build("dfa-points", TINY, len(corpus.vocab), seed=0)
+    x, y = _batch(corpus, TINY)
+    dh, _ = tx._block_pass(model, list(model.blocks), x, y)
+    with torch.no_grad():
+        logits = model(x)
+    logits.requires_grad_(True)
+    (e,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()), logits)
+    for k, block in enumerate(model.blocks):
+        torch.testing.assert_close(dh[k], e @ block.dfa_point_feedback)
 
 
 def test_same_start_for_every_condition(corpus):
@@ -174,7 +188,7 @@ def test_reproduce_end_to_end(tmp_path, tiny):
     results = common.reproduce(tx, ctx)
     lm = results["experiments"]["lm"]
     conditions = lm["conditions"]
-    assert conditions[:5] == ["backprop", "fa", "usf", "frsf", "dfa"]
+    assert conditions == ["backprop", "fa", "usf", "frsf", "dfa", "dfa-points"]
     assert len(lm["runs"]) == len(conditions) * TINY["seeds"]
     for run in lm["runs"]:
         assert math.isfinite(run["val_bpc"]) and run["val_bpc"] < math.log2(lm["corpus"]["vocab"]) + 1
@@ -182,9 +196,12 @@ def test_reproduce_end_to_end(tmp_path, tiny):
         assert len(run["history"]["angle_dh_bp"][-1]) == TINY["layers"]
         if run["condition"] == "backprop":
             assert run["history"]["angle_dh_bp"][-1] == pytest.approx([0.0, 0.0], abs=1e-3)
-        else:  # attention's projections take the rule; only the embeddings (nothing to convert) are left
+        elif run["condition"] != "dfa-points":  # attention takes the rule; only the embeddings are left
             assert set(run["unconverted"]) == {"embed", "position"}
     assert all(run["sample"] for run in lm["runs"] if run["seed"] == 0)
+    points = [run for run in lm["runs"] if run["condition"] == "dfa-points"]
+    assert "dfa points" in points[0]["summary"] and all(90 - 45 < a < 90 + 45 for run in points
+                                                         for a in run["history"]["angle_dh_bp"][0])
     report = (ctx.out_dir / common.REPORT).read_text()
     assert "Beside Launay et al. (2020)" in report and "pydoc-topics" in report
     assert (ctx.out_dir / lm["figure"]).stat().st_size > 10_000
