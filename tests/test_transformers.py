@@ -16,7 +16,7 @@ from fbalign.experiments import transformers as tx
 
 TINY = {"seeds": 2, "layers": 2, "d_model": 16, "heads": 2, "d_ff": 32, "context": 16, "batch": 8, "steps": 12,
         "lr": 3e-3, "warmup": 2, "dropout": 0.0, "eval_every": 6, "val_chars": 1200, "probe_batch": 4,
-        "sample_chars": 20}
+        "sample_chars": 20, "dfa_points_error": "logits"}
 
 
 @pytest.fixture
