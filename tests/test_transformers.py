@@ -111,17 +111,23 @@ def test_rules_send_another_error_to_every_block(corpus, condition, one_thread):
     assert all(p.grad is None for p in model.parameters())  # measuring writes no gradient
 
 
-def test_dfa_points_measure_the_injected_error(corpus, one_thread):
-    """Under DFA points, Δh at block k's output is e · B_k by hand, e the loss's gradient at the logits."""
-    model = tx.build("dfa-points", TINY, len(corpus.vocab), seed=0)
+@pytest.mark.parametrize("error_at", ["logits", "features"])
+def test_dfa_points_measure_the_injected_error(corpus, error_at, one_thread):
+    """Under DFA points, Δh at block k's output is e · B_k by hand: e the loss's gradient at the logits, or at the
+    head's input (W_headᵀ times it) as in Launay et al.'s code."""
+    model = tx.build("dfa-points", dict(TINY, dfa_points_error=error_at), len(corpus.vocab), seed=0)
     x, y = _batch(corpus, TINY)
     dh, _ = tx._block_pass(model, list(model.blocks), x, y)
     with torch.no_grad():
         logits = model(x)
     logits.requires_grad_(True)
     (e,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()), logits)
+    if error_at == "features":
+        e = e @ model.head.weight.detach()
     for k, block in enumerate(model.blocks):
         torch.testing.assert_close(dh[k], e @ block.dfa_point_feedback)
+    with pytest.raises(ValueError, match="dfa_points_error"):
+        tx.build("dfa-points", dict(TINY, dfa_points_error="head"), len(corpus.vocab), seed=0)
 
 
 def test_same_start_for_every_condition(corpus):
