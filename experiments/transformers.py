@@ -69,8 +69,9 @@ INTRODUCTION = (
     "perplexities.")
 
 # Launay et al. 2020, WikiText-103 perplexity of the 6-block transformer (BP, DFA "macro" and "micro", as quoted from
-# the paper's Table 5 in the project's notes; the set-up, 6 blocks of d_model 512, 8 heads, context 128, DFA placed
-# before the vocabulary projection, was checked against the authors' code, lightonai/dfa-scales-to-modern-deep-learning).
+# the paper's Table 5 in the project's notes; the set-up, 6 blocks of d_model 512, 8 heads, context 128, DFA
+# placed before the vocabulary projection, was checked against the authors' code,
+# lightonai/dfa-scales-to-modern-deep-learning).
 PAPER_PPL = {"backprop": 29.8, "dfa-points": 52.0, "dfa-micro": 93.0}
 
 # Sizes by scale; tests shrink "quick". ``val_chars`` caps the validation text scored (None: all of it);
@@ -635,9 +636,9 @@ def report_lm(results: dict[str, Any], section: Report, ctx: Context) -> None:
                            f"{fmt(base['unigram'])} bits/char", f"ppl {PAPER_PPL['dfa-points']}", learns,
                            "the paper's DFA transformer learns (perplexity far below a unigram model's)"))
         uses_context = means["dfa-points"] < base["bigram"]
-        comparison.append(("DFA points use context: they end below the bigram baseline", f"{fmt(means['dfa-points'])} vs "
-                           f"{fmt(base['bigram'])} bits/char", f"ppl {PAPER_PPL['dfa-points']}", uses_context,
-                           "a word-level perplexity of 52 needs context"))
+        comparison.append(("DFA points use context: they end below the bigram baseline",
+                           f"{fmt(means['dfa-points'])} vs {fmt(base['bigram'])} bits/char",
+                           f"ppl {PAPER_PPL['dfa-points']}", uses_context, "a perplexity of 52 needs context"))
         p = welch_p(dp, bp)
         behind = _verdict(means["dfa-points"] > means["backprop"], p)
         comparison.append(("DFA points stay behind backprop", f"ratio {fmt(means['dfa-points'] / means['backprop'])}"
