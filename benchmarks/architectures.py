@@ -21,7 +21,6 @@ round, so drift in machine speed hits all alike):
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import statistics
 import time

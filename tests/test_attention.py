@@ -195,3 +195,47 @@ def test_standalone_constructor_and_deepcopy():
     torch.testing.assert_close(clone(x, x, x)[0], attention(x, x, x)[0])
     plain = MultiheadAttention(8, 2)
     assert type(plain.in_proj) is nn.Linear
+
+
+class AttentionHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
+def test_layer_level_dfa_sends_each_tokens_error_to_the_projections_inputs_by_hand():
+    torch.manual_seed(0)
+    model = fbalign.convert(AttentionHead().double(), "dfa", seed=0)
+    attention = model.attention
+    captured = {}
+
+    def keep_input(module, args):
+        args[0].retain_grad()
+        captured["attended"] = args[0]
+
+    attention.out_proj.register_forward_pre_hook(keep_input)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 4, 3, dtype=torch.float64)
+    (model(x) * weights).sum().backward()
+    e = weights  # the gradient at the head's output, per token
+    torch.testing.assert_close(captured["attended"].grad, e @ attention.out_proj.direct_feedback)
+    torch.testing.assert_close(x.grad, e @ attention.in_proj.direct_feedback)  # x enters only through in_proj
+
+
+def test_unbatched_inputs_match_torch():
+    torch.manual_seed(0)
+    original = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    converted = fbalign.convert(nn.Sequential(original), "fa", init="weight")[0]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    padding = torch.tensor([0, 0, 0, 1, 1]).bool()
+    for keywords in ({}, {"attn_mask": mask, "need_weights": False}, {"key_padding_mask": padding}):
+        a, wa = original(x, x, x, **keywords)
+        b, wb = converted(x, x, x, **keywords)
+        torch.testing.assert_close(b, a)
+        if wa is not None:
+            torch.testing.assert_close(wb, wa)

@@ -103,3 +103,15 @@ def test_bilinear_refuses_layer_level_dfa_with_advice():
         fbalign.convert(nn.Sequential(nn.Bilinear(2, 2, 2), nn.Linear(2, 2)), "dfa")
     model = fbalign.convert(nn.Sequential(nn.Bilinear(2, 2, 2), nn.Linear(2, 2)), {nn.Bilinear: "fa", "*": "dfa"})
     assert model[0].rule.name == "fa" and model[1].rule.name == "dfa"
+
+
+def test_conv_transpose_under_layer_level_dfa_gets_the_projected_error_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).double()
+    model = fbalign.convert(model, "dfa", seed=0, resolution=1)
+    x = torch.randn(5, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 4, dtype=torch.float64)
+    (model(x) * weights).sum().backward()
+    b = model[0].direct_feedback  # (n_err, C_in, 1, 1)
+    expected = (weights @ b.view(4, 2)).view(5, 2, 1, 1).expand(5, 2, 3, 3) / 9  # one value per channel / positions
+    torch.testing.assert_close(x.grad, expected)

@@ -181,3 +181,15 @@ def test_standalone_constructor_names_and_state_dict():
     out, (h, c) = lstm(torch.randn(5, 2, 3))
     assert out.shape == (5, 2, 4) and h.shape == c.shape == (2, 2, 4)
     assert isinstance(lstm, nn.Module) and issubclass(lstm.replaces, nn.LSTM)
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_unbatched_sequences_match_torch(kind):
+    torch.manual_seed(0)
+    original = kind(3, 4, num_layers=2, bidirectional=True).double()
+    converted = fbalign.convert(nn.Sequential(original), "backprop")[0]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    a, b = original(x), converted(x)
+    torch.testing.assert_close(b[0], a[0])
+    for s, t in zip(b[1] if kind is nn.LSTM else (b[1],), a[1] if kind is nn.LSTM else (a[1],)):
+        torch.testing.assert_close(s, t)

@@ -16,5 +16,6 @@ from .rules import FeedbackRule
 __version__ = "0.1.0"
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning", "FeedbackRule", "rules", "nn",
-           "functional", "metrics", "optim", "dfa", "attention", "recurrent", "plastic", "mirror", "perturbation", "NodePerturbation",
-           "exact_backprop", "feedback_layers", "dfa_points", "__version__"]
+           "functional", "metrics", "optim", "dfa", "plastic", "mirror", "perturbation", "NodePerturbation",
+           "exact_backprop", "feedback_layers", "__version__",
+           "attention", "recurrent", "dfa_points"]

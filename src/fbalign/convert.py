@@ -6,13 +6,14 @@ import copy
 import fnmatch
 import warnings
 from collections.abc import Mapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 from torch import nn
 
 from . import nn as fbnn
-from . import rules
+from . import recurrent, rules
+from .attention import MultiheadAttention
 from .rules import FeedbackRule
 
 __all__ = ["convert", "summary", "unconverted", "UnconvertedModuleWarning"]
@@ -108,8 +109,8 @@ def _layer_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1)[0])
 
 
-Pattern = Union[str, type, tuple]
-RuleSpec = Union[str, FeedbackRule, tuple]
+Pattern = str | type | tuple
+RuleSpec = str | FeedbackRule | tuple
 
 
 class _Plan:
@@ -159,7 +160,7 @@ class _Plan:
     def rule_for(self, lineage: list[tuple[str, nn.Module]]) -> FeedbackRule | None:
         """The rule of the first pattern matching the layer (last in ``lineage``) or a module containing it."""
         for index, (pattern, template) in enumerate(self.entries):
-            if any(self._matches(pattern, name, module) for name, module in lineage if name):
+            if any(self._matches(pattern, name, module) for name, module in lineage):
                 self.used.add(index)
                 return template
         return None
@@ -189,15 +190,7 @@ def _restructure(module: nn.Module) -> nn.Module | None:
 
 
 def _restructurers() -> dict[type[nn.Module], Any]:
-    from .attention import MultiheadAttention
-
-    table: dict[type[nn.Module], Any] = {nn.MultiheadAttention: MultiheadAttention.from_module}
-    try:
-        from . import recurrent
-    except ImportError:  # pragma: no cover - recurrent nets are optional while it is being written
-        return table
-    table.update(recurrent.RESTRUCTURE)
-    return table
+    return {nn.MultiheadAttention: MultiheadAttention.from_module, **recurrent.RESTRUCTURE}
 
 
 def convert(model: _M, rule: RuleSpec | Mapping[Pattern, RuleSpec] = "fa", *, inplace: bool = False,

@@ -31,6 +31,7 @@ independent: it sends the error to every layer's input.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from typing import Any
 
@@ -100,10 +101,10 @@ class DFAPoints(fbnn.ModelWiring):
         self.output = output
         self.model_ref = model
         self._passes: list[_Pass] = []
-        self._handles: list[Any] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_passes": [], "_handles": []}
+        state = super().__getstate__()  # ModelWiring's: the hook handles that still have their model
+        return {**(state if isinstance(state, dict) else self.__dict__), "_passes": []}
 
     def _active(self) -> bool:
         return (torch.is_grad_enabled() and bool(self._passes)
@@ -111,10 +112,10 @@ class DFAPoints(fbnn.ModelWiring):
 
     def install(self, model: nn.Module) -> None:
         super().install(model)
-        for name, module in self.points.items():
-            module.register_forward_hook(_PointHook(self, name))
+        handles = [module.register_forward_hook(_PointHook(self, name)) for name, module in self.points.items()]
         if self.output is not None:
-            model.get_submodule(self.output).register_forward_hook(_SourceHook(self))
+            handles.append(model.get_submodule(self.output).register_forward_hook(_SourceHook(self)))
+        self.__dict__.setdefault("_handles", []).extend(handles)  # removed with the wiring's own hooks
 
     def before_forward(self, model: nn.Module, args: tuple) -> None:
         self._passes.append(_Pass())
@@ -246,7 +247,7 @@ def dfa_points(model: nn.Module, points: list[str] | str, *, output: str | None 
     if output is not None and output not in names:
         raise ValueError(f"dfa_points: output={output!r} is not a module of the model")
     if not inplace:
-        model = __import__("copy").deepcopy(model)
+        model = copy.deepcopy(model)
         names = dict(model.named_modules())
         chosen = {n: names[n] for n in chosen}
     DFAPoints.remove(model)

@@ -319,18 +319,21 @@ class _ConvTransposeNd(FeedbackLayer):
         pending = self._pending_output_padding
         return tuple(self.output_padding if pending is None else pending)
 
-    def _forward_exact(self, input: Tensor) -> Tensor:
+    def forward_exact(self, input: Tensor) -> Tensor:
         unbatched = input.dim() < self.weight.dim()
         out = torch.convolution(input.unsqueeze(0) if unbatched else input, self.weight, self.bias, list(self.stride),
                                 list(self.padding), list(self.dilation), True, list(self._padding_now()), self.groups)
         return out.squeeze(0) if unbatched else out
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
-                          feedback_scale: Tensor | float | None = None,
-                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+    def forward_feedback(self, input: Tensor, feedback: Tensor | None, scale: Tensor | float | None = None,
+                         nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
         return functional.conv_transpose(input, self.weight, self.bias, feedback, self.stride, self.padding,
-                                         self._padding_now(), self.groups, self.dilation, feedback_scale,
-                                         feedback_nonlinearity)
+                                         self._padding_now(), self.groups, self.dilation, scale, nonlinearity)
+
+    def forward_send_down(self, input: Tensor, send_down: functional.SendDown) -> Tensor:
+        return self.forward_feedback(input, send_down)  # type: ignore[arg-type]  # the op takes a callable too
+
+    _forward_exact = forward_exact  # the names rules call before the layer API's rename (_forward_feedback: below)
 
     @classmethod
     def from_module(cls, module: nn.modules.conv._ConvTransposeNd, rule: str | FeedbackRule = "fa",
@@ -419,15 +422,30 @@ class Bilinear(FeedbackLayer, nn.Bilinear):
             return F.bilinear(input1, input2, self.weight, self.bias)
         return FeedbackLayer.forward(self, torch.cat([input1, input2], dim=-1))
 
-    def _forward_exact(self, input: Tensor) -> Tensor:
+    def forward_exact(self, input: Tensor) -> Tensor:
         x1, x2 = input.split([self.in1_features, self.in2_features], dim=-1)
         return F.bilinear(x1, x2, self.weight, self.bias)
 
-    def _forward_feedback(self, input: Tensor, feedback: Tensor | functional.SendDown | None,
-                          feedback_scale: Tensor | float | None = None,
-                          feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
-        return functional.bilinear_joined(input, self.weight, self.bias, feedback, feedback_scale,
-                                          feedback_nonlinearity)
+    def forward_feedback(self, input: Tensor, feedback: Tensor | None, scale: Tensor | float | None = None,
+                         nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+        return functional.bilinear_joined(input, self.weight, self.bias, feedback, scale, nonlinearity)
+
+    def forward_send_down(self, input: Tensor, send_down: functional.SendDown) -> Tensor:
+        return functional.bilinear_joined(input, self.weight, self.bias, send_down)
+
+    _forward_exact = forward_exact
+
+
+def _forward_feedback_either(self: Any, input: Tensor, feedback: Any, feedback_scale: Tensor | float | None = None,
+                             feedback_nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
+    """The pre-rename entry point: a callable ``feedback`` (dfa) goes to ``forward_send_down``."""
+    if feedback is not None and not isinstance(feedback, Tensor):
+        return self.forward_send_down(input, feedback)
+    return self.forward_feedback(input, feedback, feedback_scale, feedback_nonlinearity)
+
+
+_ConvTransposeNd._forward_feedback = _forward_feedback_either  # type: ignore[method-assign,assignment]
+Bilinear._forward_feedback = _forward_feedback_either  # type: ignore[method-assign]
 
 
 __all__ += ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Bilinear"]

@@ -68,11 +68,13 @@ def _hh(hh: nn.Module, h: Tensor, step: int | None, time_dim: int) -> Tensor:
     rule = getattr(hh, "rule", None)
     if step is None or not isinstance(rule, _dfa.DFA) or not (torch.is_grad_enabled() and h.requires_grad):
         return hh(h)
-    wiring = hh.__dict__.get("_dfa_wiring")
+    state = getattr(hh, "rule_state", None)  # where dfa keeps its wiring (before the layer API's rename: __dict__)
+    wiring = state.get("dfa_wiring") if state is not None else hh.__dict__.get("_dfa_wiring")
     if wiring is None:
         return hh(h)  # the rule's own error message
-    direct = wiring.send_down(hh, rule._nonlinearity)
-    return hh._forward_feedback(h, _AtStep(direct, step, time_dim))
+    at_step = _AtStep(wiring.send_down(hh, rule._nonlinearity), step, time_dim)
+    send_down = getattr(hh, "forward_send_down", None)
+    return send_down(h, at_step) if send_down is not None else hh._forward_feedback(h, at_step)
 
 
 class _AtStep:
