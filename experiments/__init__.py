@@ -10,4 +10,5 @@ PAPERS: dict[str, str] = {
     "liao2016": "fbalign.experiments.liao2016",
     "open-questions": "fbalign.experiments.open_questions",
     "akrout2019": "fbalign.experiments.akrout2019",
+    "transformers": "fbalign.experiments.transformers",
 }
