@@ -13,6 +13,11 @@ Statistics: :func:`mean_sd` and :func:`summary` over the finite values, :func:`p
 
 Grid tuning then replication, "tune seed 0 over a grid, then repeat the seeds at the best value", is
 :func:`tune_then_replicate`; :func:`pick_best` is its scoring step alone.
+
+Many runs as one model: :func:`train_online_ensemble` trains E students of one architecture and rule (seeds, or
+one seed at every rate of a grid) on the same stream as one :class:`fbalign.Ensemble`, each member as it would
+train alone in :func:`train_online` (to rounding: a batched matmul sums in another order); ``tune_eta(...,
+ensemble=True)`` runs its grid that way.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .common import fmt, welch_p
 
 __all__ = ["HALF_DECADES", "NP_SIGMA", "INIT", "new_figure", "panel_letter", "mean_sd", "summary", "pm", "welch",
            "welch_p", "pick_best", "tune_then_replicate", "half_sse", "stream_seed", "student", "output_layer",
-           "stream_task", "train_online", "tune_eta", "first_below", "stays_below"]
+           "stream_task", "train_online", "train_online_ensemble", "tune_eta", "first_below", "stays_below"]
 
 _R = TypeVar("_R")
 
@@ -230,13 +235,84 @@ def train_online(model: nn.Module, algorithm: str, data: TensorDataset, *, examp
     return curve
 
 
+def train_online_ensemble(models: Sequence[nn.Module], data: TensorDataset, *, examples: int,
+                          etas: float | Sequence[float], batch_size: int = 1, evaluations: int = 100,
+                          score_on: str = "test", probe: tuple[Tensor, Tensor] | None = None,
+                          bar: Any = None) -> list[dict[str, Any]]:
+    """:func:`train_online` for E models at once: ``models`` (one architecture and rule, e.g. seeds, or copies of
+    one seed for a learning-rate grid) train on the same stream as one :class:`fbalign.Ensemble`, member ``e`` at
+    ``etas[e]`` per example (one number: all alike). Node perturbation is not a rule an ensemble runs: use
+    :func:`train_online` for it.
+
+    Returns one curve per member, as :func:`train_online` returns it (``examples``, ``nse``; with ``probe``,
+    ``angle_bp`` and ``angle_pbp``), plus ``diverged``: None, or the message of the member that diverged; its NSE
+    is NaN from the first evaluation after it diverged (the others train on).
+    """
+    etas = [float(etas)] * len(models) if isinstance(etas, (int, float)) else [float(e) for e in etas]
+    if len(etas) != len(models) or not all(e > 0 for e in etas):
+        raise ValueError(f"train_online_ensemble: {len(models)} models need as many learning rates > 0; got {etas}")
+    top = max(etas)
+    ensemble = fbalign.Ensemble(models, lr_scale=[eta / top for eta in etas], seeds=list(range(len(models))))
+    with warnings.catch_warnings():  # a diverged member is recorded in its curve (expected at a grid's top end)
+        warnings.simplefilter("ignore", fbalign.MemberDivergedWarning)
+        return _train_ensemble(ensemble, models, data, etas, examples=examples, batch_size=batch_size,
+                               evaluations=evaluations, score_on=score_on, probe=probe, bar=bar)
+
+
+def _train_ensemble(ensemble: Any, models: Sequence[nn.Module], data: TensorDataset, etas: list[float], *,
+                    examples: int, batch_size: int, evaluations: int, score_on: str,
+                    probe: tuple[Tensor, Tensor] | None, bar: Any) -> list[dict[str, Any]]:
+    top = max(etas)
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=top * batch_size)
+    steps = examples // batch_size
+    score_x, score_y = data.splits()[score_on]
+    target = score_y.double()
+    spread = (target - target.mean(0)).square().sum()
+    out_name = output_layer(models[0])
+    evaluate_at = set(np.unique(np.linspace(0, steps, evaluations + 1).round().astype(int)).tolist())
+    curves: list[dict[str, Any]] = [{"examples": [], "nse": [], "diverged": None} for _ in models]
+    for curve in curves if probe is not None else ():
+        curve["angle_bp"], curve["angle_pbp"] = [], []
+    done = 0
+    for step in range(steps + 1):
+        if step in evaluate_at:
+            with torch.no_grad():
+                scores = ((target - ensemble(score_x).double()).square().sum((1, 2)) / spread).tolist()
+            members = ensemble.members() if probe is not None else None
+            for index, (curve, score) in enumerate(zip(curves, scores)):
+                if index in ensemble.diverged or not math.isfinite(score):
+                    curve["diverged"] = curve["diverged"] or ensemble.diverged.get(
+                        index, f"member {index}: the NSE became {score} after {step * batch_size} examples")
+                    score = math.nan
+                curve["examples"].append(step * batch_size)
+                curve["nse"].append(score)
+                if members is not None:
+                    measured = (measure_alignment(members[index], half_sse, *probe, pseudo_backprop=True)
+                                if curve["diverged"] is None else {})
+                    curve["angle_bp"].append(measured.get(f"angle_dh_bp/{out_name}", math.nan))
+                    curve["angle_pbp"].append(measured.get(f"angle_dh_pbp/{out_name}", math.nan))
+            if bar is not None:
+                bar.update(step - done)
+                done = step
+        if step == steps:
+            break
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        x, y = data.train_x[batch], data.train_y[batch]
+        optimizer.zero_grad(set_to_none=True)
+        # The sum of the members' losses: each member's gradient is that of its own ½‖e‖² (batch mean).
+        (0.5 * (y - ensemble(x)).square().sum(-1).mean(-1).sum()).backward()
+        optimizer.step()
+    return curves
+
+
 def tuning_score(curve: dict[str, list[float]]) -> float:
     """A tuning run's score: the mean log10 NSE over its evaluations after the first (lower learns faster)."""
     return float(np.mean(np.log10(np.maximum(curve["nse"][1:], 1e-300))))
 
 
 def tune_eta(make_model: Callable[[], nn.Module], algorithm: str, data: TensorDataset, *, examples: int,
-             batch_size: int = 1, grid: Sequence[float] = HALF_DECADES, bar: Any = None) -> dict[str, Any]:
+             batch_size: int = 1, grid: Sequence[float] = HALF_DECADES, bar: Any = None,
+             ensemble: bool = False) -> dict[str, Any]:
     """Pick the learning rate per example from ``grid`` that learns fastest on a prefix of the stream.
 
     Each ``eta`` trains a fresh ``make_model()`` on the first ``examples`` points of the stream; its score
@@ -244,7 +320,17 @@ def tune_eta(make_model: Callable[[], nn.Module], algorithm: str, data: TensorDa
     evenly spaced points of that prefix, so the rate that gets low soonest and stays there wins; a rate that
     diverges scores +inf. This is Lillicrap et al.'s "manual search for the speed of learning", made mechanical
     and the same for every algorithm. Returns ``eta``, ``grid``, ``scores``, ``prefix`` and ``at_grid_edge``.
+
+    With ``ensemble`` the whole grid trains as one :class:`fbalign.Ensemble` (:func:`train_online_ensemble`;
+    not for node perturbation, ``algorithm='np'``).
     """
+    def ensemble_scores(etas: Sequence[float]) -> list[float]:
+        curves = train_online_ensemble([make_model() for _ in etas], data, examples=examples, etas=etas,
+                                       batch_size=batch_size, evaluations=10, score_on="val")
+        if bar is not None:
+            bar.update(len(etas) * (examples // batch_size))
+        return [math.inf if c["diverged"] else tuning_score(c) for c in curves]
+
     def scores(etas: Sequence[float]) -> list[float]:
         found = []
         for eta in etas:
@@ -257,7 +343,7 @@ def tune_eta(make_model: Callable[[], nn.Module], algorithm: str, data: TensorDa
                 bar.update(examples // batch_size)
         return found
 
-    best = pick_best(grid, scores(grid))
+    best = pick_best(grid, (ensemble_scores if ensemble and algorithm != "np" else scores)(grid))
     return {"eta": best["value"], "grid": best["grid"], "scores": best["scores"], "prefix": examples,
             "at_grid_edge": best["at_grid_edge"]}
 

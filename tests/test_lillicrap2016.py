@@ -184,3 +184,47 @@ def test_theory_tiny(tmp_path):
     assert "## Theory" in report and "✗" not in report.split("## Theory")[1].split("**What the theorem")[0]
     assert all(c.verdict for c in lil.claims_theory(found))  # every claim has a verdict, and holds
     assert [c.quantity for c in lil.claims({"theory": found})] == [c.quantity for c in lil.claims_theory(found)]
+
+
+# ------------------------------------------------------------------------------------------------ ensembles
+
+def test_ensemble_runs_train_like_separate_runs_and_a_diverged_member_stops_alone():
+    from fbalign.data import nonlinear_teacher
+    from fbalign.experiments import toolkit
+
+    data = toolkit.stream_task(nonlinear_teacher(n_train=300, n_test=200, seed=lil.TASK_SEED, dtype=torch.float64),
+                               200)
+
+    def make(seed):
+        return lil.with_rule(lil.student(lil.FIG2D_WIDTHS[4], "tanh", bias=True, seed=seed), "fa", seed)
+
+    etas = [0.01, 0.03, 30.0]  # the last one diverges
+    together = toolkit.train_online_ensemble([make(s) for s in range(3)], data, examples=200, etas=etas,
+                                             evaluations=4)
+    for seed, eta in enumerate(etas[:2]):
+        alone = toolkit.train_online(make(seed), "fa", data, examples=200, eta=eta, evaluations=4)
+        assert together[seed]["diverged"] is None and together[seed]["examples"] == alone["examples"]
+        np.testing.assert_allclose(together[seed]["nse"], alone["nse"], rtol=1e-12)
+    with pytest.raises(fbalign.train.DivergedError):
+        toolkit.train_online(make(2), "fa", data, examples=200, eta=etas[2], evaluations=4)
+    assert together[2]["diverged"] and math.isnan(together[2]["nse"][-1])
+    # A grid tuned as one ensemble picks what one run at a time picks.
+    grid = (1e-3, 1e-2, 1e-1, 10.0)
+    one_by_one = toolkit.tune_eta(lambda: make(0), "fa", data, examples=100, grid=grid)
+    at_once = toolkit.tune_eta(lambda: make(0), "fa", data, examples=100, grid=grid, ensemble=True)
+    assert at_once["eta"] == one_by_one["eta"] and math.isinf(at_once["scores"][-1])
+    np.testing.assert_allclose(at_once["scores"][:3], one_by_one["scores"][:3], rtol=1e-12)
+
+
+def test_pm_summary_and_welch():
+    from fbalign.experiments import toolkit
+
+    assert toolkit.pm([1.0, 3.0]) == "2 ± 1.4" and toolkit.pm([2.0]) == "2"
+    assert toolkit.pm([1.0, 3.0, math.nan]) == "2 ± 1.4 (1/3 diverged)"
+    assert toolkit.summary([1.0, math.nan])["n"] == 1
+    found = toolkit.welch([1.0, 2.0, 3.5], [4.0, 6.0, 5.5])
+    expected = stats.ttest_ind([1.0, 2.0, 3.5], [4.0, 6.0, 5.5], equal_var=False)
+    assert found["p"] == pytest.approx(expected.pvalue) and found["t"] == pytest.approx(expected.statistic)
+    assert math.isnan(toolkit.welch([1.0], [2.0, 3.0])["p"])
+    best = toolkit.pick_best([1, 2, 3], [math.nan, 0.5, math.inf])
+    assert best["value"] == 2 and not best["at_grid_edge"]

@@ -181,3 +181,17 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys):
     assert main(["reproduce", "lillicrap2016", "--only", "figS1", "--data", "svhn", "--out", out,
                  "--no-progress", "--overwrite"]) == 2
     assert "one of fashion-mnist, mnist" in capsys.readouterr().err
+
+
+def test_quick_takes_all_of_a_data_set_smaller_than_its_subset(tiny):
+    _, data_dir, found = tiny
+    ctx = Context(paper="lillicrap2016", out_dir="unused", data="mnist", data_dir=str(data_dir))
+    assert len(paper.image_data(ctx, paper.FIG2A_SCALE["quick"]["train_size"]).train_x) == 800  # not an error
+    assert len(paper.image_data(ctx, 100).train_x) == 100
+    s = found["fig2a"]["settings"]
+    assert s["train_examples"] == 800 and s["examples_seen"] == 800 * TINY["epochs"]
+    as_quick = json.loads(json.dumps(found["fig2a"]))
+    as_quick["settings"]["train_size_wanted"] = 20_000
+    section = Report()
+    paper.report_fig2a(as_quick, section, ctx)
+    assert "all 800 (fewer than the scale's 20000)" in section.markdown()
