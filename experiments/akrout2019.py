@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +221,8 @@ def train_run(ctx: Context, data: TensorDataset, rule: str, *, seed: int, epochs
     if start == 0:
         if rule == "wm" and mirror["initial"]:
             mirror_steps(model, steps, mirror, noise)  # FCNN_WM.train: mirror(batch_size, X_train.shape) first
-        history = [{"epoch": 0, "test_acc": accuracy(model, data.test_x, data.test_y), **angles(model, probe_x, probe_y)}]
+        history = [{"epoch": 0, "test_acc": accuracy(model, data.test_x, data.test_y),
+                    **angles(model, probe_x, probe_y)}]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="kp: .* weight decay 0")  # decay 0 is their protocol
         for epoch in ctx.bar(range(start, epochs), desc=desc or rule, unit="epoch", total=epochs - start):

@@ -151,7 +151,7 @@ def _stack(modules: list[nn.Module], path: str) -> nn.Module:
         for hooks in fbnn._HOOK_DICTS:  # a member's hooks (dfa's wiring) belong to that member
             if hasattr(first, hooks):
                 setattr(new, hooks, OrderedDict())
-        for name, child in first.named_children():
+        for name in dict(first.named_children()):
             new._modules[name] = _stack([m._modules[name] for m in modules], f"{path}.{name}" if path else name)
         return new
     if not any(isinstance(m, _STACKABLE) for m in first.modules()):
@@ -410,7 +410,7 @@ class Ensemble(nn.Module):
             warnings.warn(self.diverged[member], MemberDivergedWarning, stacklevel=4)
 
 
-# --- optimizer step hooks (any optimizer holding an ensemble's parameters) ---------------------------------------------
+# --- optimizer step hooks (any optimizer holding an ensemble's parameters) -------------------------------------------
 
 _ENSEMBLES: weakref.WeakSet[Ensemble] = weakref.WeakSet()
 _hooks_installed = False

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional
-from . import nn as fbnn
 from .rules import BRSF, Backprop, FeedbackRule
 
 __all__ = ["StackedLayer", "stacked_linear"]
