@@ -74,9 +74,10 @@ INTRODUCTION = (
 # lightonai/dfa-scales-to-modern-deep-learning).
 PAPER_PPL = {"backprop": 29.8, "dfa-points": 52.0, "dfa-micro": 93.0}
 
-# Sizes by scale; tests shrink "quick". ``val_chars`` caps the validation text scored (None: all of it);
-# ``dfa_points_error`` is where DFA points take the error (see _dfa_points). Quick: lr 1e-2 trains backprop fastest
-# of 3e-3 and 1e-2 in 400 steps (2.56 against 3.22 bits per character; DFA points 4.44 against 4.62 at step 200).
+# Sizes by scale, read with ``ctx.row`` (``tiny`` is the tests'). ``val_chars`` caps the validation text scored
+# (None: all of it); ``dfa_points_error`` is where DFA points take the error (see _dfa_points). Quick: lr 1e-2 trains
+# backprop fastest of 3e-3 and 1e-2 in 400 steps (2.56 against 3.22 bits per character; DFA points 4.44 against
+# 4.62 at step 200).
 LM_SCALE: dict[str, dict[str, Any]] = {
     "quick": {"seeds": 2, "layers": 4, "d_model": 64, "heads": 4, "d_ff": 256, "context": 64, "batch": 32,
               "steps": 400, "lr": 1e-2, "warmup": 40, "dropout": 0.0, "eval_every": 50, "val_chars": 32768,
@@ -84,6 +85,9 @@ LM_SCALE: dict[str, dict[str, Any]] = {
     "full": {"seeds": 5, "layers": 6, "d_model": 256, "heads": 8, "d_ff": 1024, "context": 256, "batch": 64,
              "steps": 20000, "lr": 1e-3, "warmup": 1000, "dropout": 0.1, "eval_every": 500, "val_chars": None,
              "probe_batch": 32, "sample_chars": 600, "dfa_points_error": "logits"},
+    "tiny": {"seeds": 2, "layers": 2, "d_model": 16, "heads": 2, "d_ff": 32, "context": 16, "batch": 8, "steps": 12,
+             "lr": 3e-3, "warmup": 2, "dropout": 0.0, "eval_every": 6, "val_chars": 1200, "probe_batch": 4,
+             "sample_chars": 20, "dfa_points_error": "logits"},
 }
 CONDITIONS: tuple[str, ...] = ("backprop", "fa", "usf", "frsf", "dfa", "dfa-points")
 DEFAULT_CORPUS = "pydoc-topics"
@@ -92,8 +96,8 @@ LOG2 = math.log(2.0)
 
 
 def sizes(ctx: Context) -> dict[str, Any]:
-    """The size row for ``ctx.scale``, with ``seeds`` overridden by ``--seeds``."""
-    chosen = dict(LM_SCALE[ctx.scale])
+    """The size row for ``ctx.scale`` (:meth:`Context.row`), with ``seeds`` overridden by ``--seeds``."""
+    chosen = ctx.row(LM_SCALE)
     chosen["seeds"] = ctx.seeds if ctx.seeds is not None else chosen["seeds"]
     return chosen
 

@@ -14,14 +14,7 @@ import fbalign
 from fbalign.experiments import PAPERS, common
 from fbalign.experiments import transformers as tx
 
-TINY = {"seeds": 2, "layers": 2, "d_model": 16, "heads": 2, "d_ff": 32, "context": 16, "batch": 8, "steps": 12,
-        "lr": 3e-3, "warmup": 2, "dropout": 0.0, "eval_every": 6, "val_chars": 1200, "probe_batch": 4,
-        "sample_chars": 20, "dfa_points_error": "logits"}
-
-
-@pytest.fixture
-def tiny(monkeypatch, one_thread):
-    monkeypatch.setitem(tx.LM_SCALE, "quick", dict(TINY))
+TINY = tx.LM_SCALE["tiny"]  # the tests' sizes: the scale table's tiny row
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,7 @@ def corpus():
 
 
 def _context(tmp_path, **kw):
-    return common.Context(paper="transformers", out_dir=tmp_path / "out", progress=False, **kw)
+    return common.Context(paper="transformers", out_dir=tmp_path / "out", scale="tiny", progress=False, **kw)
 
 
 def test_registered():
@@ -189,7 +182,7 @@ def test_a_run_whose_loss_turns_nan_is_reported_diverged(corpus, tmp_path, one_t
     assert found["diverged_at"] == 4 and math.isnan(found["val_bpc"])
 
 
-def test_reproduce_end_to_end(tmp_path, tiny):
+def test_reproduce_end_to_end(tmp_path, one_thread):
     ctx = _context(tmp_path)
     results = common.reproduce(tx, ctx)
     lm = results["experiments"]["lm"]
