@@ -83,8 +83,17 @@ THEIRS_EARLY = {"wm": {1: (63.4, 61.3), 10: (16.9, 27.5)}, "kp": {1: (19.4, 19.7
 # The paper's own table (Akrout et al. 2019, Table 1), CIFAR-10 test accuracy, for reference.
 PAPER_TABLE_CIFAR = {"bp": 51.97, "fa": 49.54, "wm": 52.40, "kp": 50.67}
 
-QUICK = {"epochs": 4}
-ABLATION = {"quick": {"epochs": 2, "train_size": 12_800}, "full": {"epochs": 50, "train_size": None}}
+# Scale tables (one row per scale; ``tiny`` is the tests'). NETWORK: the hidden width (None: HIDDEN of the data set)
+# and the training examples the δ angle is averaged over, for every run; MAIN: the main runs.
+NETWORK = {"quick": {"hidden": None, "angle_examples": ANGLE_EXAMPLES},
+           "full": {"hidden": None, "angle_examples": ANGLE_EXAMPLES},
+           "tiny": {"hidden": 16, "angle_examples": 64}}
+MAIN = {"quick": {"epochs": 4, "runs": 1}, "full": {"epochs": EPOCHS, "runs": 3}, "tiny": {"epochs": 2, "runs": 1}}
+# The WM ablation: epochs, training examples (None: all), how many of ABLATIONS (the mirror settings) and the
+# hidden widths of the width rows.
+ABLATION = {"quick": {"epochs": 2, "train_size": 12_800, "settings": 6, "widths": (100, 2000)},
+            "full": {"epochs": 50, "train_size": None, "settings": 6, "widths": (100, 2000)},
+            "tiny": {"epochs": 1, "train_size": 256, "settings": 4, "widths": (8,)}}
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -101,6 +110,11 @@ def flat_data(ctx: Context) -> TensorDataset:
     flat = TensorDataset(name, raw.train_x.flatten(1), raw.train_y, raw.test_x.flatten(1), raw.test_y,
                          num_classes=raw.num_classes)
     return flat
+
+
+def hidden_units(ctx: Context, data: TensorDataset) -> int:
+    """The hidden width at this scale: NETWORK's row, else their width for the data set (HIDDEN)."""
+    return ctx.row(NETWORK)["hidden"] or HIDDEN[data.name]
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -208,7 +222,8 @@ def train_run(ctx: Context, data: TensorDataset, rule: str, *, seed: int, epochs
     model = network((x.shape[1], hidden, 10 if data.num_classes is None else data.num_classes), rule, seed)
     opt = optimizer(model, lr)
     noise = torch.Generator().manual_seed(seed + 7919)
-    probe_x, probe_y = x[:ANGLE_EXAMPLES], y[:ANGLE_EXAMPLES]
+    probe = ctx.row(NETWORK)["angle_examples"]
+    probe_x, probe_y = x[:probe], y[:probe]
     history: list[dict[str, Any]] = []
     start = 0
     if checkpoint_path is not None and ctx.resume and checkpoint_path.exists():
@@ -250,9 +265,9 @@ def train_run(ctx: Context, data: TensorDataset, rule: str, *, seed: int, epochs
 
 def run_main(ctx: Context) -> dict[str, Any]:
     data = flat_data(ctx)
-    hidden = HIDDEN[data.name]
-    epochs = ctx.pick(QUICK["epochs"], EPOCHS)
-    seeds = ctx.runs(1, 3)
+    hidden = hidden_units(ctx, data)
+    size = ctx.row(MAIN)
+    epochs, seeds = size["epochs"], size["runs"]
     folder = ctx.folder("main")
     runs: dict[str, list[dict[str, Any]]] = {}
     for rule in RULES:
@@ -400,29 +415,28 @@ ABLATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("decay λ = σ², mirror lr ×10", {"decay": None, "lr": 0.01 * BATCH * 10}, {}),
     ("mirror lr ×10", {"lr": 0.01 * BATCH * 10}, {}),
     ("mirror every 10 steps", {"every": 10}, {}),
-    ("hidden 100", {}, {"hidden": 100}),
-    ("hidden 2000", {}, {"hidden": 2000}),
-]
+]  # then one row per width of the ABLATION row ("hidden N": the main mirror, N hidden units)
 
 
 def run_ablation(ctx: Context) -> dict[str, Any]:
     """WM's alignment against the mirror's settings: decay, learning rate, noise, schedule, nonlinearity, width."""
     data = flat_data(ctx)
-    size = ABLATION[ctx.scale]
+    size = ctx.row(ABLATION)
+    ablations = ABLATIONS[:size["settings"]] + [(f"hidden {w}", {}, {"hidden": w}) for w in size["widths"]]
     rows = []
-    for label, mirror, other in ctx.bar(ABLATIONS, desc="wm ablation", unit="run"):
+    for label, mirror, other in ctx.bar(ablations, desc="wm ablation", unit="run"):
         settings = {**MIRROR, **mirror}
         if settings["decay"] is None:
             settings["decay"] = settings["noise_std"] ** 2
-        hidden = other.get("hidden", HIDDEN[data.name])
+        hidden = other.get("hidden", hidden_units(ctx, data))
         run = train_run(ctx, data, "wm", seed=1111, epochs=size["epochs"], hidden=hidden,
                         train_size=size["train_size"], mirror=settings, desc=label[:20])
         rows.append({"label": label, "mirror": settings, "hidden": hidden, "final": run["final"],
                      "curve": [(h["epoch"], h["delta"], h["w1"]) for h in run["history"]]})
-    fa = train_run(ctx, data, "fa", seed=1111, epochs=size["epochs"], hidden=HIDDEN[data.name],
+    fa = train_run(ctx, data, "fa", seed=1111, epochs=size["epochs"], hidden=hidden_units(ctx, data),
                    train_size=size["train_size"], desc="fa reference")
-    return {"data": data.name, **size, "rows": rows, "fa": fa["final"],
-            "signal_per_step": MIRROR["lr"] * MIRROR["noise_std"] ** 2}
+    return {"data": data.name, "epochs": size["epochs"], "train_size": size["train_size"], "rows": rows,
+            "fa": fa["final"], "signal_per_step": MIRROR["lr"] * MIRROR["noise_std"] ** 2}
 
 
 def report_ablation(results: dict[str, Any], section: Report, ctx: Context) -> None:
@@ -457,7 +471,6 @@ def _ablation_finding(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- mirror alone
 
-MIRROR_ALONE = {"quick": 10_000, "full": 187_200}  # full: 400 epochs × 468 steps, their mirror steps
 MIRROR_SETTINGS: list[tuple[str, dict[str, Any], int | None]] = [
     # (label, mirror settings, hidden width of a random W of the trained W's element scale; None: the trained W)
     ("their schedule, linear mirror", {}, None),
@@ -471,6 +484,10 @@ MIRROR_SETTINGS: list[tuple[str, dict[str, Any], int | None]] = [
     ("random W, hidden 500", {}, 500),
     ("random W, hidden 2000", {}, 2000),
 ]
+# Mirror steps (full: 400 epochs × 468 steps, their mirror steps) and the MIRROR_SETTINGS labels run (None: all).
+MIRROR_ALONE = {"quick": {"steps": 10_000, "settings": None}, "full": {"steps": 187_200, "settings": None},
+                "tiny": {"steps": 300, "settings": [label for label, mirror, hidden in MIRROR_SETTINGS
+                                                    if hidden in (None, 100) and "batch" not in mirror]}}
 
 
 def run_mirror_alone(ctx: Context) -> dict[str, Any]:
@@ -479,10 +496,12 @@ def run_mirror_alone(ctx: Context) -> dict[str, Any]:
     steps. Training adds only W's drift; every knob of the mirror shows here at the length of their training."""
     saved = checkpoint.load(ctx.out_dir / "main" / "wm-seed0.pt")["model"]
     trained_w, trained_b = saved["2.weight"], saved["2.bias"]
-    total = MIRROR_ALONE[ctx.scale]
+    size = ctx.row(MIRROR_ALONE)
+    total = size["steps"]
+    chosen = [s for s in MIRROR_SETTINGS if size["settings"] is None or s[0] in size["settings"]]
     marks = sorted({int(v) for v in np.geomspace(10, total, 12)} | {total})
     rows = []
-    for label, mirror, hidden in ctx.bar(MIRROR_SETTINGS, desc="mirror alone", unit="setting"):
+    for label, mirror, hidden in ctx.bar(chosen, desc="mirror alone", unit="setting"):
         settings = {**MIRROR, **mirror}
         if settings["decay"] is None:
             settings["decay"] = settings["noise_std"] ** 2

@@ -28,16 +28,10 @@ def small_data(n_train: int = 512, n_test: int = 200, features: int = 40, seed: 
 
 @pytest.fixture
 def tiny(monkeypatch, one_thread):
+    """The synthetic data set in place of Fashion-MNIST; the sizes come from each scale table's ``tiny`` row
+    (``Context(scale="tiny")``)."""
     data = small_data()
     monkeypatch.setattr(ak, "flat_data", lambda ctx: data)
-    monkeypatch.setitem(ak.HIDDEN, "fashion-mnist", 16)
-    monkeypatch.setitem(ak.QUICK, "epochs", 2)
-    monkeypatch.setitem(ak.ABLATION, "quick", {"epochs": 1, "train_size": 256})
-    monkeypatch.setattr(ak, "ABLATIONS", ak.ABLATIONS[:3] + [("hidden 8", {}, {"hidden": 8})])
-    monkeypatch.setattr(ak, "ANGLE_EXAMPLES", 64)
-    monkeypatch.setitem(ak.MIRROR_ALONE, "quick", 300)
-    monkeypatch.setattr(ak, "MIRROR_SETTINGS", [s for s in ak.MIRROR_SETTINGS if s[2] in (None, 100)
-                                                and s[1].get("batch") is None])
     return data
 
 
@@ -125,7 +119,7 @@ def test_undecayed_mirror_keeps_aligning_where_a_decayed_one_stops():
 
 
 def test_kp_invariant_holds_to_float_precision(tiny):
-    ctx = common.Context("akrout2019", "/tmp/unused", progress=False)
+    ctx = common.Context("akrout2019", "/tmp/unused", scale="tiny", progress=False)
     out = ak.run_kp_invariant(ctx)
     assert out["float64_decay0.01"]["max_relative_error"] < 1e-12
     assert out["float32_decay0.01"]["max_relative_error"] < 1e-4
@@ -135,7 +129,7 @@ def test_kp_invariant_holds_to_float_precision(tiny):
 
 
 def test_reproduce_tiny_end_to_end_and_resume(tiny, tmp_path):
-    ctx = common.Context("akrout2019", tmp_path, progress=False)
+    ctx = common.Context("akrout2019", tmp_path, scale="tiny", progress=False)
     results = common.reproduce(ak, ctx, command="test")
     main = results["experiments"]["main"]
     assert set(main["summary"]) == {"bp", "fa", "wm", "kp"}
@@ -157,7 +151,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tiny, tmp_path):
     # An interrupted run continues from its per-epoch checkpoint: the same numbers as uninterrupted.
     checkpoint = tmp_path / "main" / "kp-seed0.pt"
     assert checkpoint.exists()
-    resumed = common.Context("akrout2019", tmp_path / "again", progress=False, resume=True)
+    resumed = common.Context("akrout2019", tmp_path / "again", scale="tiny", progress=False, resume=True)
     (tmp_path / "again" / "main").mkdir(parents=True)
     saved = fbalign.checkpoint.load(checkpoint)
     torch.manual_seed(123)
