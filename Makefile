@@ -29,7 +29,7 @@ demo: setup data
 
 # Where apt exists the data must be there, so a missing install step fails instead of skipping tests.
 test: setup data
-	FBALIGN_REQUIRE_DATA=$$(command -v apt-get >/dev/null && echo 1 || echo 0) $(BIN)/python -m pytest -q
+	FBALIGN_REQUIRE_DATA=$$(command -v apt-get >/dev/null && echo 1 || echo 0) $(BIN)/python -m pytest -q --durations=15
 
 bench: setup data
 	$(BIN)/python benchmarks/step_time.py
