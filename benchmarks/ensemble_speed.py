@@ -11,9 +11,12 @@ Cases (Lillicrap et al. 2016's two networks, ``fa`` by default):
 
 A step is a forward, the half squared error, a backward and an SGD step. "sequential" trains each of the E models
 for ``--steps`` steps through ``fbalign.convert`` (what an experiment does one run at a time); "ensemble" trains the
-same E models for the same steps as one ensemble, each member on its own batches. Each round times both, in a
-fresh random order, so drift in machine speed hits both alike; the table shows the median over rounds of the time
-per step of all E runs and of the ratio sequential / ensemble within a round.
+same E models for the same steps as one ensemble, each member on its own batches. "floor" is the same step
+written by hand with no fbalign at all: the E members' weights as ``(E, out, in)`` tensors, ``torch.baddbmm`` and
+the activations under plain autograd, torch's SGD (backprop, so no feedback matrices): what any autograd-based
+design of an ensemble pays at least. Each round times all three, in a fresh random order, so drift in machine
+speed hits them alike; the table shows the median over rounds of the time per step of all E runs and of the
+ratios sequential / ensemble and sequential / floor within a round.
 """
 
 from __future__ import annotations
@@ -88,6 +91,32 @@ def ensemble(models: list[nn.Module], inputs: torch.Tensor, targets: torch.Tenso
     return run
 
 
+def floor(models: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+          device: torch.device) -> Callable[[], None]:
+    linears = [[m for m in model.modules() if isinstance(m, nn.Linear)] for model in models]
+    weights = [torch.stack([layers[i].weight.detach() for layers in linears]).clone().requires_grad_()
+               for i in range(len(linears[0]))]
+    biases = [torch.stack([layers[i].bias.detach() for layers in linears]).unsqueeze(1).clone().requires_grad_()
+              if linears[0][i].bias is not None else None for i in range(len(linears[0]))]
+    activations = [m for m in models[0] if not isinstance(m, nn.Linear)]
+    optimizer = torch.optim.SGD([*weights, *[b for b in biases if b is not None]], lr=lr)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            x = torch.bmm(x, weight.mT) if bias is None else torch.baddbmm(bias, x, weight.mT)
+            if i < len(activations):
+                x = activations[i](x)
+        return x
+
+    def run() -> None:
+        for step in range(inputs.shape[1]):
+            optimizer.zero_grad(set_to_none=True)
+            half_sse(forward(inputs[:, step]), targets[:, step]).backward()
+            optimizer.step()
+        sync(device)
+    return run
+
+
 def measure(case: str, members: int, rule: str, steps: int, rounds: int, device: torch.device) -> dict[str, float]:
     widths, _, _, _, dtype, batch = CASES[case]
     generator = torch.Generator().manual_seed(0)
@@ -95,11 +124,12 @@ def measure(case: str, members: int, rule: str, steps: int, rounds: int, device:
     targets = torch.rand(members, steps, batch, widths[-1], generator=generator, dtype=dtype).to(device)
     models = [fbalign.convert(network(case, seed), rule, seed=seed).to(device) for seed in range(members)]
     runs = {"sequential": sequential(models, inputs, targets, 1e-3, device),
-            "ensemble": ensemble(models, inputs, targets, 1e-3, device)}
+            "ensemble": ensemble(models, inputs, targets, 1e-3, device),
+            "floor": floor(models, inputs, targets, 1e-3, device)}
     for run in runs.values():  # warm up (allocator, kernels)
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    ratios = []
+    ratios, floor_ratios = [], []
     for _ in range(rounds):
         order = list(runs)
         random.shuffle(order)
@@ -110,8 +140,9 @@ def measure(case: str, members: int, rule: str, steps: int, rounds: int, device:
             found[name] = (time.perf_counter() - start) / steps
             times[name].append(found[name])
         ratios.append(found["sequential"] / found["ensemble"])
-    return {"sequential": statistics.median(times["sequential"]), "ensemble": statistics.median(times["ensemble"]),
-            "ratio": statistics.median(ratios)}
+        floor_ratios.append(found["sequential"] / found["floor"])
+    return {**{name: statistics.median(found) for name, found in times.items()},
+            "ratio": statistics.median(ratios), "floor_ratio": statistics.median(floor_ratios)}
 
 
 def main() -> None:
@@ -128,12 +159,12 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"{args.members} runs of rule {args.rule!r} on {device} ({args.threads} CPU threads), median of "
           f"{args.rounds} rounds; time per step of all {args.members} runs")
-    print(f"{'case':<8} {'sequential':>12} {'ensemble':>12} {'speed-up':>9}")
+    print(f"{'case':<8} {'sequential':>12} {'ensemble':>12} {'speed-up':>9} {'floor':>12} {'speed-up':>9}")
     for case in args.cases.split(","):
         steps = args.steps or (200 if case == "online" else 5)
         found = measure(case, args.members, args.rule, steps, args.rounds, device)
         print(f"{case:<8} {found['sequential'] * 1e3:>10.3f}ms {found['ensemble'] * 1e3:>10.3f}ms "
-              f"{found['ratio']:>8.1f}x", flush=True)
+              f"{found['ratio']:>8.1f}x {found['floor'] * 1e3:>10.3f}ms {found['floor_ratio']:>8.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -380,7 +380,7 @@ def run_kp_invariant(ctx: Context) -> dict[str, Any]:
                 shrink = (1.0 - lr * decay) ** t
                 for layer, d0 in zip((model[0], model[2]), start):
                     predicted = shrink * d0
-                    error = float((layer.weight - layer.feedback - predicted).abs().max() / d0.abs().max())
+                    error = float((layer.weight.detach() - layer.feedback - predicted).abs().max() / d0.abs().max())
                     worst = max(worst, error)
                 if t % max(1, steps // 20) == 0:
                     offset_norm.append([t, float((model[2].weight - model[2].feedback).norm() / start[1].norm()),

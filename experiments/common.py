@@ -44,17 +44,21 @@ gives its ``quick`` row), or choose with :meth:`Context.pick` and :meth:`Context
 
 from __future__ import annotations
 
+import _thread
 import io
 import json
 import math
+import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -165,7 +169,9 @@ class Experiment:
     docstring); ``needs`` lists experiments to run before it; ``threads`` sets torch's intra-op CPU threads while it
     runs (1 for tiny networks trained an example at a time, where handing work between threads costs more than
     the work; None leaves torch's default); ``claims(results)`` its verdicts as :class:`Claim` rows; ``plot(results,
-    ctx)`` its figures from its results alone (then ``run`` draws none: ``reproduce`` and :func:`replot` call it)."""
+    ctx)`` its figures from its results alone (then ``run`` draws none: ``reproduce`` and :func:`replot` call it);
+    ``cost`` its rough run time relative to the paper's other experiments, so that parallel workers start the
+    longest first."""
 
     name: str
     title: str
@@ -175,6 +181,7 @@ class Experiment:
     threads: int | None = None
     claims: Callable[[dict[str, Any]], list[Claim]] | None = None
     plot: Callable[[dict[str, Any], Context], None] | None = None
+    cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -392,9 +399,14 @@ def _to_json(value: Any) -> Any:
 
 
 def reproduce(module: Any, ctx: Context, only: Sequence[str] | None = None, *, overwrite: bool = False,
-              command: str | None = None) -> dict[str, Any]:
+              command: str | None = None, workers: int = 1) -> dict[str, Any]:
     """Run a paper module's experiments (``only`` those, plus what they need; None: all) and write the
     figures, ``results.json`` and ``report.md`` into ``ctx.out_dir``. Returns the results.
+
+    With ``workers`` > 1 the experiments run side by side in that many worker processes
+    (:func:`fbalign.runner.run`), longest (``Experiment.cost``) first; one that ``needs`` others runs after them
+    in their worker. Results are written as each worker's share finishes. Ctrl-C or SIGTERM stops every worker
+    within a second; finished experiments stay in results.json for ``resume``.
 
     Raises:
         ReproductionError: ``out_dir`` holds results and neither ``ctx.resume`` nor ``overwrite`` is set, the
@@ -411,20 +423,111 @@ def reproduce(module: Any, ctx: Context, only: Sequence[str] | None = None, *, o
     todo = [e for e in chosen if e.name not in finished]
     if len(todo) < len(chosen):
         tqdm.write(f"reusing {', '.join(e.name for e in chosen if e.name in finished)} from {ctx.out_dir / RESULTS}")
-    for i, experiment in enumerate(todo, 1):
-        tqdm.write(f"[{i}/{len(todo)}] {experiment.name}: {experiment.title}")
-        start = time.perf_counter()
-        with torch_threads(experiment.threads):
-            found = _to_json(experiment.run(ctx))
-        if experiment.plot is not None:
-            experiment.plot(found, ctx)
-        found["seconds"] = time.perf_counter() - start
-        finished[experiment.name] = found
-        _write(module, results, ctx)
-        tqdm.write(f"      done in {found['seconds']:.0f} s")
+    if workers > 1 and len(todo) > 1:
+        _run_side_by_side(module, ctx, todo, results, workers)
+    else:
+        for i, experiment in enumerate(todo, 1):
+            tqdm.write(f"[{i}/{len(todo)}] {experiment.name}: {experiment.title}")
+            finished[experiment.name] = _run_experiment_here(experiment, ctx, experiment.threads)
+            _write(module, results, ctx)
+            tqdm.write(f"      done in {finished[experiment.name]['seconds']:.0f} s")
     if not todo:
         _write(module, results, ctx)
     return results
+
+
+def _run_experiment_here(experiment: Experiment, ctx: Context, threads: int | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    with torch_threads(threads):
+        found = _to_json(experiment.run(ctx))
+        if experiment.plot is not None:
+            experiment.plot(found, ctx)
+    found["seconds"] = time.perf_counter() - start
+    return found
+
+
+def _run_side_by_side(module: Any, ctx: Context, todo: list[Experiment], results: dict[str, Any],
+                      workers: int) -> None:
+    """The experiments in ``todo`` on ``workers`` processes. An experiment that needs others runs after them in
+    the same worker (a chain); chains start longest first; results.json is written as each chain returns."""
+    from fbalign import runner
+
+    order = {e.name: i for i, e in enumerate(todo)}
+    chain_of: dict[str, list[Experiment]] = {}
+    chains: list[list[Experiment]] = []
+    for experiment in todo:  # the module's order runs what is needed first
+        owners = []
+        for name in experiment.needs:
+            if name in chain_of and not any(chain_of[name] is o for o in owners):
+                owners.append(chain_of[name])
+        chain = owners[0] if owners else []
+        for other in owners[1:]:  # needs from several chains: one chain
+            chain.extend(other)
+            chains.remove(other)
+        chain.sort(key=lambda e: order[e.name])
+        chain.append(experiment)
+        if not owners:
+            chains.append(chain)
+        for member in chain:
+            chain_of[member.name] = chain
+    chains.sort(key=lambda chain: -sum(e.cost for e in chain))
+    finished = results["experiments"]
+    size = min(workers, len(chains))
+    threads = max(1, (os.cpu_count() or 1) // size)
+    quiet = replace(ctx, progress=False)  # several progress bars would garble one terminal
+    tqdm.write(f"running {len(todo)} experiments side by side in {size} worker processes, longest first: "
+               + ", ".join(" then ".join(e.name for e in chain) for chain in chains))
+
+    def save(index: int, found: dict[str, dict[str, Any]]) -> None:
+        for name, result in found.items():
+            finished[name] = result
+            tqdm.write(f"      {name} done in {result['seconds']:.0f} s")
+        if found:
+            _write(module, results, ctx)
+    jobs = [(module.__name__, [(e.name, e.threads or threads) for e in chain], quiet) for chain in chains]
+    runner.run(_experiments_job, jobs, workers=size, executor="process", on_result=save)
+
+
+def _experiments_job(job: tuple[str, list[tuple[str, int]], Context], stop: Any) -> dict[str, dict[str, Any]]:
+    """In a worker process: a chain of a paper module's experiments, in order; those that finished before a stop."""
+    import importlib
+
+    module_name, names, ctx = job
+    by_name = {e.name: e for e in importlib.import_module(module_name).EXPERIMENTS}
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        with _interrupted_by(stop):
+            for name, threads in names:
+                found[name] = _run_experiment_here(by_name[name], ctx, threads)
+    except KeyboardInterrupt:
+        pass
+    return found
+
+
+@contextmanager
+def _interrupted_by(stop: Any) -> Iterator[None]:
+    """Raise ``KeyboardInterrupt`` in this (main) thread once ``stop`` is requested, as Ctrl-C would in a
+    reproduction run in one process: an experiment need not look at the stop itself. (SIGUSR1's handler is the
+    carrier: ``_thread.interrupt_main`` runs a signal's Python handler without a signal being sent.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    over = threading.Event()
+
+    def watch() -> None:
+        while not over.wait(0.1):
+            if stop.requested():
+                _thread.interrupt_main(signal.SIGUSR1)
+                return
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        over.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _write(module: Any, results: dict[str, Any], ctx: Context) -> None:

@@ -101,6 +101,8 @@ VALIDATION = {"digits": 300, "fashion-mnist": 10_000, "mnist": 10_000}  # traini
 MOMENTUM = 0.9  # SGD's and Batch Manhattan's (which applies it to the sign, as in Xiao et al.'s code)
 CHANCE_MARGIN = 10.0  # a run whose test error is within this many points of chance's has collapsed
 SIGNIFICANCE = 0.05  # Welch t-tests over seeds
+# Its experiments train their conditions in worker processes (fbalign.runner): reproduce runs them one at a time.
+TRAINS_IN_PROCESSES = True
 JOBS: int | None = None  # training processes, overriding the scale row's "workers" (None: one per CPU core)
 
 MAGNITUDE_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": RULES},

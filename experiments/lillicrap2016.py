@@ -91,6 +91,7 @@ from .toolkit import (  # noqa: F401  (student, train_online, ... importable fro
     train_online,
     train_online_ensemble,
     tune_eta,
+    tune_etas,
     welch,
 )
 
@@ -171,9 +172,11 @@ def run_fig1(ctx: Context) -> dict[str, Any]:
 
     tuning, curves = {}, {}
     with ctx.bar(total=len(FIG1_ALGORITHMS) * (len(ETA_GRID) * prefix + examples), desc="fig1", unit="step") as bar:
+        # Every grid but node perturbation's as one ensemble (the rules differ; the network is the same).
+        tuned = tune_etas({a: make(a) for a in FIG1_ALGORITHMS if a != "np"}, data, examples=prefix, bar=bar)
+        tuned["np"] = tune_eta(make("np"), "np", data, examples=prefix, bar=bar)
         for algorithm in FIG1_ALGORITHMS:
-            tuning[algorithm] = tune_eta(make(algorithm), algorithm, data, examples=prefix, bar=bar,
-                                         ensemble=True)  # the grid as one ensemble (np: one run at a time)
+            tuning[algorithm] = tuned[algorithm]
             curves[algorithm] = train_online(make(algorithm)(), algorithm, data, examples=examples,
                                              eta=tuning[algorithm]["eta"], evaluations=200,
                                              angle_every=1 if algorithm == "fa" else 0, bar=bar)
@@ -245,8 +248,9 @@ def report_fig1(results: dict[str, Any], section: Report, ctx: Context) -> None:
     tuning = results["tuning"]
     section.text(
         "**Learning rates** (per example) were tuned for each algorithm by the same rule: every rate of the grid "
-        f"10^-5 … 1 in half decades (the whole grid trained side by side as one `fbalign.Ensemble`, except node "
-        "perturbation's) trains a fresh network on the first {tuning['bp']['prefix']} examples of the "
+        "10^-5 … 1 in half decades (the grids of shallow learning, backprop and FA trained side by side as one "
+        "`fbalign.Ensemble`, whose members may mix those rules; node perturbation's one run at a time) trains a "
+        f"fresh network on the first {tuning['bp']['prefix']} examples of the "
         f"stream and is scored by the mean log10 NSE on {s['validation_points']} validation points (held out from "
         "the stream) at ten points of that prefix; the fastest learner wins and then trains on the whole stream. "
         "A rate at the grid's edge means the best lies outside it.")
@@ -424,15 +428,21 @@ def run_fig2d(ctx: Context) -> dict[str, Any]:
     tuning, curves, diverged = {}, {}, {}
     total = len(names) * (len(scale["grid"]) * prefix + runs * examples)
     with ctx.bar(total=total, desc="fig2d", unit="step") as bar:
-        for (algorithm, layers), name in zip(FIG2D_CONDITIONS, names):  # per curve: its grid, then its runs, each
-            tuning[name] = tune_eta(make(algorithm, layers, 0), algorithm, data, examples=prefix,  # one ensemble
-                                    grid=scale["grid"], bar=bar, ensemble=True)
-            found = train_online_ensemble([make(algorithm, layers, run)() for run in range(runs)], data,
-                                          examples=examples, etas=tuning[name]["eta"],
+        for depth in sorted({layers for _, layers in FIG2D_CONDITIONS}):
+            # One depth's curves (backprop, FA, shallow: rules an ensemble may mix) train side by side: first all
+            # their learning-rate grids as one ensemble, then all their runs as another.
+            mine = [(algorithm, f"{algorithm}-{layers}") for algorithm, layers in FIG2D_CONDITIONS if layers == depth]
+            tuning.update(tune_etas({name: make(algorithm, depth, 0) for algorithm, name in mine}, data,
+                                    examples=prefix, grid=scale["grid"], bar=bar))
+            found = train_online_ensemble([make(algorithm, depth, run)() for algorithm, _ in mine
+                                           for run in range(runs)], data, examples=examples,
+                                          etas=[tuning[name]["eta"] for _, name in mine for _ in range(runs)],
                                           evaluations=scale["evaluations"])
-            bar.update(runs * examples)
-            curves[name] = {"examples": found[0]["examples"], "nse": [curve["nse"] for curve in found]}
-            diverged[name] = [run for run, curve in enumerate(found) if curve["diverged"]]
+            bar.update(len(mine) * runs * examples)
+            for index, (_, name) in enumerate(mine):
+                own = found[index * runs:(index + 1) * runs]
+                curves[name] = {"examples": own[0]["examples"], "nse": [curve["nse"] for curve in own]}
+                diverged[name] = [run for run, curve in enumerate(own) if curve["diverged"]]
     final = {name: [nse[-1] for nse in curves[name]["nse"]] for name in names}
     results = {
         "settings": {"examples": examples, "runs": runs, "tuning_prefix": prefix, "batch_size": 1,
@@ -508,7 +518,8 @@ def report_fig2d(results: dict[str, Any], section: Report, ctx: Context) -> None
         f"**Learning rates** were tuned per curve as in Fig. 1: every rate of the half-decade grid 10^-5 … 1 "
         f"trains the run-0 student on the first {s['tuning_prefix']} examples of the stream, scored by the mean "
         f"log10 NSE on {s['validation_points']} validation points at ten points of that prefix; the winner trains "
-        "every run on the whole stream.")
+        "every run on the whole stream. Per depth, every curve's grid trains side by side as one `fbalign.Ensemble` "
+        "(backprop, FA and shallow members mixed), then every curve's runs as another.")
     section.table(["curve", "η chosen", "tuning prefix (examples)", "at the grid's edge"],
                   _tuning_rows(results["tuning"], FIG2D_LABELS))
     since = results["deeper_below_from"]
@@ -848,21 +859,22 @@ def report_theory(results: dict[str, Any], section: Report, ctx: Context) -> Non
 
 # ------------------------------------------------------------------------------------------------ experiments
 
+# cost: seconds at quick scale on one core (measured), so parallel workers start the longest first.
 EXPERIMENTS = [
     Experiment("fig1", "Fig. 1d,e: linear function approximation", run_fig1, report_fig1, threads=1,
-               claims=claims_fig1, plot=plot_fig1),
+               claims=claims_fig1, plot=plot_fig1, cost=40),
     Experiment("fig2a", "Fig. 2a,b: the 784-1000-10 network on images", run_fig2a, report_fig2a, threads=1,
-               claims=claims_fig2a, plot=plot_fig2a),
+               claims=claims_fig2a, plot=plot_fig2a, cost=75),
     Experiment("figS1", "Fig. S1: receptive fields of hidden units", run_fig_s1, report_fig_s1, needs=("fig2a",),
                claims=claims_fig_s1, plot=plot_fig_s1),
     Experiment("fig2d", "Fig. 2d: nonlinear function approximation, 3 against 4 layers", run_fig2d, report_fig2d,
-               threads=1, claims=claims_fig2d, plot=plot_fig2d),
+               threads=1, claims=claims_fig2d, plot=plot_fig2d, cost=100),
     Experiment("fig3", "Fig. 3: the 1-1-1 network's flow field", run_fig3, report_fig3, threads=1,
-               claims=claims_fig3, plot=plot_fig3),
+               claims=claims_fig3, plot=plot_fig3, cost=7),
     Experiment("fig4", "Fig. 4: initial weight scale and the pseudo-inverse", run_fig4, report_fig4, threads=1,
-               claims=claims_fig4, plot=plot_fig4),
+               claims=claims_fig4, plot=plot_fig4, cost=25),
     Experiment("theory", "Theory: the conserved quantity and the pseudo-backprop theorem", run_theory,
-               report_theory, threads=1, claims=claims_theory, plot=plot_theory),
+               report_theory, threads=1, claims=claims_theory, plot=plot_theory, cost=11),
 ]
 
 

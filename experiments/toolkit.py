@@ -17,7 +17,8 @@ Grid tuning then replication, "tune seed 0 over a grid, then repeat the seeds at
 Many runs as one model: :func:`train_online_ensemble` trains E students of one architecture and rule (seeds, or
 one seed at every rate of a grid) on the same stream as one :class:`fbalign.Ensemble`, each member as it would
 train alone in :func:`train_online` (to rounding: a batched matmul sums in another order); ``tune_eta(...,
-ensemble=True)`` runs its grid that way.
+ensemble=True)`` runs its grid that way, and :func:`tune_etas` the grids of several rules (backprop, fa, shallow,
+which one ensemble may mix) at once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from .common import fmt, welch_p
 
 __all__ = ["HALF_DECADES", "NP_SIGMA", "INIT", "new_figure", "panel_letter", "mean_sd", "summary", "pm", "welch",
            "welch_p", "pick_best", "tune_then_replicate", "half_sse", "stream_seed", "student", "output_layer",
-           "stream_task", "train_online", "train_online_ensemble", "tune_eta", "first_below", "stays_below"]
+           "stream_task", "train_online", "train_online_ensemble", "tune_eta", "tune_etas", "first_below",
+           "stays_below"]
 
 _R = TypeVar("_R")
 
@@ -321,29 +323,43 @@ def tune_eta(make_model: Callable[[], nn.Module], algorithm: str, data: TensorDa
     diverges scores +inf. This is Lillicrap et al.'s "manual search for the speed of learning", made mechanical
     and the same for every algorithm. Returns ``eta``, ``grid``, ``scores``, ``prefix`` and ``at_grid_edge``.
 
-    With ``ensemble`` the whole grid trains as one :class:`fbalign.Ensemble` (:func:`train_online_ensemble`;
-    not for node perturbation, ``algorithm='np'``).
+    With ``ensemble`` the whole grid trains as one :class:`fbalign.Ensemble` (:func:`tune_etas`; not for node
+    perturbation, ``algorithm='np'``).
     """
-    def ensemble_scores(etas: Sequence[float]) -> list[float]:
-        curves = train_online_ensemble([make_model() for _ in etas], data, examples=examples, etas=etas,
-                                       batch_size=batch_size, evaluations=10, score_on="val")
+    if ensemble and algorithm != "np":
+        return tune_etas({algorithm: make_model}, data, examples=examples, batch_size=batch_size, grid=grid,
+                         bar=bar)[algorithm]
+
+    found = []
+    for eta in grid:
+        try:
+            found.append(tuning_score(train_online(make_model(), algorithm, data, examples=examples, eta=eta,
+                                                   batch_size=batch_size, evaluations=10, score_on="val")))
+        except DivergedError:
+            found.append(math.inf)
         if bar is not None:
-            bar.update(len(etas) * (examples // batch_size))
-        return [math.inf if c["diverged"] else tuning_score(c) for c in curves]
+            bar.update(examples // batch_size)
+    return _tuned(pick_best(grid, found), examples)
 
-    def scores(etas: Sequence[float]) -> list[float]:
-        found = []
-        for eta in etas:
-            try:
-                found.append(tuning_score(train_online(make_model(), algorithm, data, examples=examples, eta=eta,
-                                                       batch_size=batch_size, evaluations=10, score_on="val")))
-            except DivergedError:
-                found.append(math.inf)
-            if bar is not None:
-                bar.update(examples // batch_size)
-        return found
 
-    best = pick_best(grid, (ensemble_scores if ensemble and algorithm != "np" else scores)(grid))
+def tune_etas(makers: dict[str, Callable[[], nn.Module]], data: TensorDataset, *, examples: int,
+              batch_size: int = 1, grid: Sequence[float] = HALF_DECADES, bar: Any = None) -> dict[str, Any]:
+    """:func:`tune_eta` for several conditions of one architecture at once (their rules may be backprop, fa
+    and shallow: :data:`fbalign.stacked.MIXABLE_RULES`): every condition's whole grid is one
+    :class:`fbalign.Ensemble`. ``makers`` maps a condition's name to its ``make_model``; returns name →
+    :func:`tune_eta`'s record."""
+    names = list(makers)
+    models = [makers[name]() for name in names for _ in grid]
+    curves = train_online_ensemble(models, data, examples=examples, etas=list(grid) * len(names),
+                                   batch_size=batch_size, evaluations=10, score_on="val")
+    if bar is not None:
+        bar.update(len(models) * (examples // batch_size))
+    scores = [math.inf if c["diverged"] else tuning_score(c) for c in curves]
+    return {name: _tuned(pick_best(grid, scores[i * len(grid):(i + 1) * len(grid)]), examples)
+            for i, name in enumerate(names)}
+
+
+def _tuned(best: dict[str, Any], examples: int) -> dict[str, Any]:
     return {"eta": best["value"], "grid": best["grid"], "scores": best["scores"], "prefix": examples,
             "at_grid_edge": best["at_grid_edge"]}
 

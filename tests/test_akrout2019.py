@@ -43,7 +43,7 @@ def test_network_follows_their_code():
     model = ak.network((784, 500, 10), "kp", seed=0)
     w, v = model[0].weight, model[0].feedback
     std = 1 / math.sqrt(784 + 500)  # N(0, 1/(fan_in + fan_out)) for W, b and B
-    for t in (w, v, model[0].bias):
+    for t in (w.detach(), v, model[0].bias.detach()):
         assert abs(float(t.std()) - std) < 0.1 * std and abs(float(t.mean())) < 0.1 * std
     assert not torch.equal(w, v)
     assert model[0].rule.decay == 0.0  # their KP: weight_decay=1, a factor of 1

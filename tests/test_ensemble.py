@@ -77,6 +77,8 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr * 0.1, weight_decay=1e-3)
+    if kind == "momentum":  # no weight decay: what members mixing shallow with other rules need
+        return torch.optim.SGD(params, lr=lr, momentum=0.5)
     return torch.optim.SGD(params, lr=lr, momentum=0.5, weight_decay=1e-3)
 
 
@@ -148,6 +150,27 @@ def test_conv_members_train_as_alone(rule: str, options: dict, lr: float) -> Non
 @pytest.mark.parametrize("rule", ["fa", "kp", "brsf"])
 def test_adam_members_train_as_alone(rule: str) -> None:
     check_members_train_alone(mlp, INPUTS["mlp"], rule, {}, LR, optimizer="adam")
+
+
+@pytest.mark.parametrize("build", ["mlp", "cnn"])
+def test_members_mixing_backprop_fa_and_shallow_train_as_alone(build: str) -> None:
+    rules = ["backprop", "fa", "shallow", "fa"]
+    seeds, lrs = [21, 22, 23, 24], [LR, LR / 2, LR, LR / 4]
+    models = [fbalign.convert(BUILD[build](m), rule, seed=200 + m) for m, rule in enumerate(rules)]
+    batches = [data(m, INPUTS[build]) for m in range(len(rules))]
+    ens = train_ensemble(models, seeds, lrs, [b[0] for b in batches], [b[1] for b in batches], "momentum")
+    for m, member in enumerate(ens.members()):
+        assert [getattr(layer, "rule", None).name for layer in member.modules() if hasattr(layer, "rule")] == \
+            [rules[m]] * sum(1 for layer in member.modules() if hasattr(layer, "rule"))
+        alone = train_alone(copy.deepcopy(models[m]), seeds[m], lrs[m], *batches[m], "momentum")
+        assert_same(alone, member)
+    first = [member for member in ens.members()][2]  # shallow: its lower layers never moved
+    assert torch.equal(first[0].weight, models[2][0].weight)
+
+
+def test_mixing_other_rules_is_refused() -> None:
+    with pytest.raises(ValueError, match="mix only backprop, fa and shallow"):
+        fbalign.Ensemble([fbalign.convert(mlp(0), "fa", seed=0), fbalign.convert(mlp(1), "usf")])
 
 
 def test_member_does_not_depend_on_the_others() -> None:

@@ -43,7 +43,10 @@ def until_stopped(job: tuple[str, int], stop: Stop) -> str:
 
 
 def test_ray_tasks_return_in_job_order():
-    assert run(cube, range(5), executor="ray") == [i ** 3 for i in range(5)]
+    heard: list[tuple[int, int]] = []
+    assert run(cube, range(5), executor="ray", on_result=lambda i, r: heard.append((i, r))) == \
+        [i ** 3 for i in range(5)]
+    assert sorted(heard) == [(i, i ** 3) for i in range(5)]
 
 
 def test_a_stop_ends_running_tasks_and_skips_queued_ones(tmp_path):

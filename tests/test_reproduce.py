@@ -299,3 +299,91 @@ def test_sigterm_stops_a_reproduction_and_its_worker_processes(tmp_path, paper, 
     while any(_alive(pid) for pid in pool) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pool), "worker processes outlived the reproduction"
+
+
+_PARALLEL_PAPER = '''
+import os, time
+from fbalign.experiments import common
+
+def run_fast(ctx):
+    (ctx.folder("fast") / "made.txt").write_text("fast")
+    return {"pid": os.getpid()}
+
+def run_slow(ctx):
+    deadline = time.monotonic() + float(os.environ.get("SLOW_SECONDS", "1"))
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"pid": os.getpid()}
+
+def run_after(ctx):
+    return {"pid": os.getpid(), "read": (ctx.out_dir / "fast" / "made.txt").read_text()}
+
+def report(results, section, ctx):
+    section.text(f"pid {results['pid']}")
+
+TITLE = "Parallel paper"
+EXPERIMENTS = [common.Experiment("fast", "Fast", run_fast, report, cost=1),
+               common.Experiment("after", "After fast", run_after, report, needs=("fast",)),
+               common.Experiment("slow", "Slow", run_slow, report, cost=10)]
+'''
+
+
+def _parallel_paper(tmp_path, monkeypatch):
+    (tmp_path / "parallel_paper.py").write_text(_PARALLEL_PAPER)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
+    import importlib
+
+    return importlib.import_module("parallel_paper")
+
+
+def test_experiments_run_side_by_side_in_worker_processes(tmp_path, monkeypatch):
+    module = _parallel_paper(tmp_path, monkeypatch)
+    results = common.reproduce(module, _context(tmp_path), workers=2)
+    found = results["experiments"]
+    assert list(found) == ["fast", "after", "slow"]  # the module's order, whatever order they finished in
+    assert {found[name]["pid"] for name in found}.isdisjoint({os.getpid()})
+    assert found["fast"]["pid"] != found["slow"]["pid"]  # two workers at once
+    assert found["after"]["read"] == "fast"  # ran once what it needs had finished
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved["experiments"]) == ["fast", "after", "slow"]
+    assert "pid" in (tmp_path / "out" / "report.md").read_text()
+
+
+_DRIVER = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+import parallel_paper
+from fbalign.experiments import common
+ctx = common.Context(paper="parallel", out_dir=sys.argv[2], progress=False)
+try:
+    common.reproduce(parallel_paper, ctx, workers=2)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_ctrl_c_stops_experiments_running_side_by_side_and_keeps_the_finished(tmp_path, monkeypatch):
+    _parallel_paper(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path), str(out)], stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "SLOW_SECONDS": "120"})
+    deadline = time.monotonic() + 60
+    results = out / "results.json"
+    while not (results.exists() and "after" in json.loads(results.read_text())["experiments"]):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the fast experiments did not finish within 60 s"
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - start < 10, "the slow experiment's worker did not stop within seconds"
+    assert process.returncode == 130, err
+    finished = json.loads(results.read_text())["experiments"]
+    assert set(finished) == {"fast", "after"}  # kept; the stopped one is not recorded
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived the reproduction"

@@ -56,6 +56,14 @@ def test_results_come_back_in_job_order(executor):
     assert run(square, [], executor=executor) == []
 
 
+@pytest.mark.parametrize("executor", ["inline", "process"])
+def test_on_result_hears_of_each_job_as_it_returns(executor):
+    heard: list[tuple[int, int]] = []
+    assert run(square, range(5), workers=2, executor=executor, on_result=lambda i, r: heard.append((i, r))) == \
+        [i * i for i in range(5)]
+    assert sorted(heard) == [(i, i * i) for i in range(5)]
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="choose one of inline, process, ray"):
         run(square, [1], executor="threads")

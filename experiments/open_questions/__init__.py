@@ -121,6 +121,9 @@ INTRODUCTION = (
     "best rate differs over a longer run can rank lower than it would with its best rate; each table gives the "
     "rate chosen and flags rates at the grid's edge.")
 
+# Its experiments train their conditions in worker processes (fbalign.runner): reproduce runs them one at a time.
+TRAINS_IN_PROCESSES = True
+
 EXPERIMENTS = [
     Experiment("fixed-b", "Which fixed B is best, and at what scale?", run_fixed_b, report_fixed_b, threads=1,
                claims=claims_fixed_b, plot=plot_fixed_b),

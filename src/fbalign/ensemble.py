@@ -12,9 +12,11 @@ side by side, each exactly as it would train alone.
 **How.** Every Linear/Conv (fbalign's with any rule, or torch's) becomes a :class:`fbalign.stacked.StackedLayer`:
 the members' weights stacked as ``(E, out, in)``, one batched matmul (a grouped convolution for Conv) for all of
 them, whose backward sends each member's error through that member's own feedback matrix, asked of the member's
-rule (see :mod:`fbalign.stacked`). Parameter-free modules (activations, pooling, Flatten) run on the members'
-batches merged into one; other modules with parameters or buffers (BatchNorm, LayerNorm, ...) run per member under
-:func:`torch.func.vmap` of :func:`torch.func.functional_call`. Containers are ``nn.Sequential``, fbalign's own
+rule (see :mod:`fbalign.stacked`). Members share one rule with its options (only seeds differ), or mix backprop,
+fa and shallow (a rule comparison as one model; :data:`fbalign.stacked.MIXABLE_RULES`). Parameter-free modules
+(activations, pooling, Flatten) run on the members' batches merged into one; other modules with parameters or
+buffers (BatchNorm, LayerNorm, ...) run per member under :func:`torch.func.vmap` of
+:func:`torch.func.functional_call`. Containers are ``nn.Sequential``, fbalign's own
 models, and classes passed to :func:`register_container` (their ``forward`` must only call submodules and combine
 their outputs elementwise, so a leading member dimension passes through).
 
@@ -39,6 +41,7 @@ conversion, by each member's own rule seeds, before the ensemble exists.)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 import weakref
 from collections import OrderedDict
@@ -52,6 +55,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import dfa as fbdfa
 from . import nn as fbnn
+from ._util import keep_freed_cpu_memory
 from .plastic import KP, mirror
 from .stacked import StackedLayer
 
@@ -121,6 +125,10 @@ def _set(module: nn.Module, name: str, tensor: Tensor, buffer: bool = False) -> 
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     (owner._buffers if buffer else owner._parameters)[leaf] = tensor
+
+
+def _state_names(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
 
 
 def _has_state(module: nn.Module, recurse: bool = True) -> bool:
@@ -225,11 +233,11 @@ class Ensemble(nn.Module):
         self._dfa_layers = [m for m in self._layers if getattr(m.rule, "name", "") == "dfa"]
         self._draws = any(getattr(layer.rule, "name", "") == "brsf" for layer in self._layers)
         self._params = list(self.parameters())
-        self._in_optimizer: dict[int, tuple[tuple, list[tuple[Tensor, dict]]]] = {}
+        self._plans: dict[int, _StepPlan] = {}
         self._mark_dfa_source()
-        self._saved: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self._old: dict[int, list[Tensor]] = {}
         self._kp_warned = False
+        if any(p.device.type == "cpu" for p in self._params):
+            keep_freed_cpu_memory()  # the stacked tensors are large: see fbalign._util
         _ENSEMBLES.add(self)
         _install_optimizer_hooks()
 
@@ -292,8 +300,11 @@ class Ensemble(nn.Module):
         state = self._state()
         for index, template in enumerate(self._templates):
             member = copy.deepcopy(template)
+            own = _state_names(member)
             with torch.no_grad():
                 for name, tensor, buffer in state:
+                    if name not in own:  # a buffer of another member's rule (members mixing rules)
+                        continue
                     target = member.get_buffer(name) if buffer else member.get_parameter(name)
                     target.data = tensor[index].detach().clone()
             found.append(member.train(self.training))
@@ -305,7 +316,10 @@ class Ensemble(nn.Module):
         state = self._state()
         for index, template in enumerate(self._templates):
             member = copy.deepcopy(template)
+            own = _state_names(member)
             for name, tensor, buffer in state:
+                if name not in own:
+                    continue
                 view = tensor[index] if buffer else nn.Parameter(tensor.detach()[index], tensor.requires_grad)
                 _set(member, name, view, buffer=buffer)
             views.append(member.train(self.training))
@@ -341,31 +355,40 @@ class Ensemble(nn.Module):
             self._scale_key = key
         return self._scale_cache
 
+    def _plan(self, optimizer: torch.optim.Optimizer) -> _StepPlan | None:
+        """What this ensemble does around ``optimizer``'s steps (cached until its parameter groups change)."""
+        key = tuple(len(group["params"]) for group in optimizer.param_groups)
+        plan = self._plans.get(id(optimizer))
+        if plan is not None and plan.key == key and plan.optimizer() is optimizer:
+            return plan
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        mine = [p for p in self._params if id(p) in group_of]
+        if not mine:
+            self._plans[id(optimizer)] = plan = _StepPlan(key, weakref.ref(optimizer), [], [], [], [])
+            return plan
+        kp = [(layer, group_of[id(layer.weight)]) for layer in self._layers
+              if isinstance(layer.rule, KP) and id(layer.weight) in group_of]
+        plan = _StepPlan(key, weakref.ref(optimizer), mine, [torch.empty_like(p) for p in mine],
+                         [group_of[id(p)] for p in mine], kp)
+        self._plans[id(optimizer)] = plan
+        return plan
+
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        key = tuple(len(group["params"]) for group in optimizer.param_groups)
-        cached = self._in_optimizer.get(id(optimizer))
-        if cached is None or cached[0] != key:
-            group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-            cached = self._in_optimizer[id(optimizer)] = (key, [(p, group_of[id(p)]) for p in self._params
-                                                                if id(p) in group_of])
-        if not cached[1]:
+        plan = self._plan(optimizer)
+        if plan is None or not plan.params:
             return
-        mine = [p for p, _ in cached[1]]
-        group_of = {id(p): group for p, group in cached[1]}
         scale, rescale = self._scale()
-        if rescale or self.stop_diverged:
-            old = self._old.get(id(optimizer))
-            if old is None or len(old) != len(mine) or any(o.shape != p.shape or o.dtype != p.dtype or
-                                                           o.device != p.device for o, p in zip(old, mine)):
-                old = self._old[id(optimizer)] = [torch.empty_like(p) for p in mine]
-            torch._foreach_copy_(old, [p.detach() for p in mine])
-            self._saved[id(optimizer)] = list(zip(mine, old))
-        for layer in self._layers:
-            rule = layer.rule
-            group = group_of.get(id(layer.weight))
-            if not isinstance(rule, KP) or group is None or layer.weight.grad is None:
+        plan.saving = rescale or self.stop_diverged
+        if plan.saving:
+            first, copy0 = plan.params[0], plan.old[0]
+            if copy0.device != first.device or copy0.dtype != first.dtype:  # moved or cast since the plan was made
+                plan.old = [torch.empty_like(p) for p in plan.params]
+            torch._foreach_copy_(plan.old, plan.params)
+        for layer, group in plan.kp:
+            if layer.weight.grad is None:
                 continue
+            rule = layer.rule
             decay = rule.decay if rule.decay is not None else float(group.get("weight_decay", 0.0))
             if decay == 0.0 and not self._kp_warned:
                 self._kp_warned = True
@@ -377,37 +400,53 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        saved = self._saved.pop(id(optimizer), None)
-        if saved is not None:
+        plan = self._plans.get(id(optimizer))
+        if plan is None or not plan.params:
+            return
+        if plan.saving:
+            plan.saving = False
             self.steps += 1
             scale, rescale = self._scale()
             if rescale:
-                for p, old in saved:
+                for p, old in zip(plan.params, plan.old):
                     s = self._member_view(scale, p)
                     p.copy_(torch.where(s == 1, p, torch.where(s == 0, old, old + s * (p - old))))
             if self.stop_diverged:
-                self._stop_diverged(saved, optimizer)
-        for layer in self._layers:
+                self._stop_diverged(plan)
+        for layer, _ in plan.kp:
             if getattr(layer, "_kp_stepping", False):
                 layer._kp_stepping = False
                 layer.feedback.add_(layer.weight)
 
-    def _stop_diverged(self, saved: list[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer) -> None:
-        params = [p.detach() for p, _ in saved]
-        if bool(torch.stack(torch._foreach_norm(params)).isfinite().all()):  # one pass: NaN and inf reach the norm
+    def _stop_diverged(self, plan: _StepPlan) -> None:
+        # One pass over all parameters: a NaN or an inf anywhere reaches the sum of the norms.
+        if bool(torch.stack(torch._foreach_norm(plan.params)).sum().isfinite()):
             return
-        finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in params]).all(0)
+        finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in plan.params]).all(0)
         newly = (~finite & self.alive).nonzero().flatten().tolist()
-        lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         for member in newly:
-            for p, old in saved:
+            for p, old in zip(plan.params, plan.old):
                 p[member] = old[member]
             self.alive[member] = False
-            lr = float(lrs[id(saved[0][0])]) * float(self.lr_scale[member])
+            lr = float(plan.groups[0]["lr"]) * float(self.lr_scale[member])
             self.diverged[member] = (f"member {member} diverged at optimizer step {self.steps} (learning rate "
                                      f"{lr:g}): its parameters became NaN or infinite, so it is stopped at its last "
                                      "finite weights; the other members train on")
             warnings.warn(self.diverged[member], MemberDivergedWarning, stacklevel=4)
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """An optimizer's share of an ensemble: its parameters, their copies from before the step, their
+    groups, and the kp layers (with their groups) whose B follows the step."""
+
+    key: tuple[int, ...]
+    optimizer: Callable[[], torch.optim.Optimizer | None]
+    params: list[Tensor]
+    old: list[Tensor]
+    groups: list[dict]
+    kp: list[tuple[StackedLayer, dict]]
+    saving: bool = False
 
 
 # --- optimizer step hooks (any optimizer holding an ensemble's parameters) -------------------------------------------

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -45,7 +47,7 @@ def load_paper(paper: str) -> ModuleType:
 def reproduce(paper: str, *, scale: str = "quick", only: Sequence[str] | None = None, seeds: int | None = None,
               device: str = "auto", out: str | Path | None = None, data: str | None = None,
               data_dir: str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              command: str | None = None) -> dict[str, Any]:
+              command: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run ``paper``'s experiments and write figures, ``results.json`` and ``report.md``; return the results.
 
     Args:
@@ -61,6 +63,9 @@ def reproduce(paper: str, *, scale: str = "quick", only: Sequence[str] | None = 
         overwrite: start again in an ``out`` that holds results (without it, that is an error).
         progress: show progress bars.
         command: the command line recorded in the report (default: this process's).
+        workers: experiments run side by side in this many processes; None: one per CPU core on the CPU, one
+            on a GPU (where they would share the device) or for a paper whose experiments start their own worker
+            processes (its module sets ``TRAINS_IN_PROCESSES``). 1 runs them one after another in this process.
     """
     from .experiments import common
     from .train import resolve_device
@@ -70,7 +75,12 @@ def reproduce(paper: str, *, scale: str = "quick", only: Sequence[str] | None = 
     ctx = common.Context(paper=paper, out_dir=out_dir, scale=scale, seeds=seeds,  # type: ignore[arg-type]
                          device=resolve_device(device), data=data, data_dir=data_dir, resume=resume,
                          progress=progress)
-    return common.reproduce(module, ctx, only, overwrite=overwrite, command=command)
+    if workers is None:
+        inside = getattr(module, "TRAINS_IN_PROCESSES", False)
+        workers = 1 if ctx.device.type != "cpu" or inside else os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers = {workers}; give at least 1")
+    return common.reproduce(module, ctx, only, overwrite=overwrite, command=command, workers=workers)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -97,6 +107,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     again.add_argument("--resume", action="store_true",
                        help="reuse the finished experiments in --out and continue its interrupted runs")
     again.add_argument("--overwrite", action="store_true", help="start again in an --out that holds results")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="experiments run side by side in N processes (default: one per CPU core on the CPU; 1 "
+                   "with a GPU and for papers whose experiments train in processes of their own, liao2016 and "
+                   "open-questions; 1: one after another in this process, with progress bars)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--replot", action="store_true", help="train nothing: redraw the figures and report.md of --out "
                    "from its results.json")
@@ -114,12 +128,14 @@ def main(args: argparse.Namespace) -> int:
 
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     command = "fbalign " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    start = time.perf_counter()
     on_main_thread = threading.current_thread() is threading.main_thread()  # only there may handlers be set
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None  # a kill stops like Ctrl-C
     try:
         results = reproduce(args.paper, scale=args.scale, only=only, seeds=args.seeds, device=args.device,
                             out=args.out, data=args.data, data_dir=args.data_dir, resume=args.resume,
-                            overwrite=args.overwrite, progress=args.progress, command=command)
+                            overwrite=args.overwrite, progress=args.progress, command=command,
+                            workers=args.workers)
     except (ValueError, ReproductionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,8 +152,8 @@ def main(args: argparse.Namespace) -> int:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     out_dir = Path(args.out) if args.out else Path("runs") / f"{args.paper}-{args.scale}"
-    seconds = sum(r.get("seconds", 0.0) for r in results["experiments"].values())
-    print(f"finished {', '.join(results['experiments'])} ({seconds:.0f} s); report: {out_dir / REPORT}")
+    print(f"finished {', '.join(results['experiments'])} in {time.perf_counter() - start:.0f} s; report: "
+          f"{out_dir / REPORT}")
     return 0
 
 

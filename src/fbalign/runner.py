@@ -192,7 +192,8 @@ def _call(function: Callable[[Any, Stop], Any], job: Any, stop: Stop) -> tuple[b
 
 
 def run(function: Callable[[Any, Stop], Any], jobs: Sequence[Any], *, workers: int | None = None,
-        executor: str = "process", address: str | None = None, stop: Stop | None = None) -> list[Any]:
+        executor: str = "process", address: str | None = None, stop: Stop | None = None,
+        on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Call ``function(job, stop)`` for every job; return the results in job order.
 
     Args:
@@ -205,6 +206,8 @@ def run(function: Callable[[Any, Stop], Any], jobs: Sequence[Any], *, workers: i
             a local Ray runtime unless one is running in this process. Only for ``executor="ray"``.
         stop: the stop decision to share (a new one by default); requesting it from another thread stops the
             run as Ctrl-C does.
+        on_result: called here, in this process, as ``on_result(index, result)`` as soon as each job returns
+            (in the order they finish), e.g. to save finished work before the slowest job ends.
 
     Raises:
         Interrupted: a stop was requested; raised after every worker has ended, with the results it got.
@@ -220,7 +223,7 @@ def run(function: Callable[[Any, Stop], Any], jobs: Sequence[Any], *, workers: i
         raise ValueError(f"workers = {workers}; give at least 1")
     jobs = list(jobs)
     stop = stop if stop is not None else Stop()
-    results: dict[int, Any] = {}
+    results: dict[int, Any] = _Results(on_result)
     with stop.catch_signals():
         if executor == "inline":
             error = _run_inline(function, jobs, stop, results)
@@ -231,8 +234,21 @@ def run(function: Callable[[Any, Stop], Any], jobs: Sequence[Any], *, workers: i
     if error is not None:
         raise error
     if stop.requested():
-        raise Interrupted(results, stop.reason)
+        raise Interrupted(dict(results), stop.reason)
     return [results[i] for i in range(len(jobs))]
+
+
+class _Results(dict):
+    """Job index → result, telling ``on_result`` of each as it is stored."""
+
+    def __init__(self, on_result: Callable[[int, Any], None] | None) -> None:
+        super().__init__()
+        self.on_result = on_result
+
+    def __setitem__(self, index: int, result: Any) -> None:
+        super().__setitem__(index, result)
+        if self.on_result is not None:
+            self.on_result(index, result)
 
 
 def _run_inline(function: Callable, jobs: list[Any], stop: Stop, results: dict[int, Any]) -> BaseException | None:

@@ -9,7 +9,9 @@ member's own feedback matrix, which it gets from the member's rule:
   pathway) uses the stacked buffer or weight directly;
 * any other rule (usf, frsf, brsf, concordance, pbp) runs its own ``feedback(layer)`` code under
   :func:`torch.func.vmap`, once per step for all members: the rule's code is the one place its matrix is defined;
-* ``shallow`` sends nothing down; backprop (and a plain, unconverted layer) is plain autograd.
+* ``shallow`` sends nothing down; backprop (and a plain, unconverted layer) is plain autograd;
+* members mixing backprop, fa and shallow (:data:`MIXABLE_RULES`) send their error through W, B or 0, chosen per
+  member in one ``torch.where``.
 
 brsf's per-step redraw and dfa's output error are the two per-step actions a rule takes besides its matrix; they
 are done here per member (brsf from each member's own generator, dfa through :func:`fbalign.dfa._project`).
@@ -27,9 +29,15 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional
-from .rules import BRSF, Backprop, FeedbackRule
+from .rules import BRSF, FA, Backprop, FeedbackRule, Shallow
 
-__all__ = ["StackedLayer", "stacked_linear"]
+__all__ = ["StackedLayer", "stacked_linear", "MIXABLE_RULES"]
+
+# Rules whose feedback is a stored matrix (W, a fixed B) or nothing: members of one ensemble may mix these (a rule
+# comparison as one model). Per member, the matrix is W (backprop), B (fa) or 0 (shallow: the layers below get a
+# zero gradient where alone they get none, the same step for optimizers that do not move a weight whose gradient is
+# zero, i.e. all but weight decay).
+MIXABLE_RULES = (Backprop, FA, Shallow)
 
 # functional.conv takes a send-down callable as ``feedback`` (older) or as ``send_down=`` (newer).
 _SEND_DOWN_KEYWORD = "send_down" in inspect.signature(functional.conv).parameters
@@ -116,15 +124,23 @@ class StackedLayer(nn.Module):
         object.__setattr__(self, "template", first)  # shapes and conv arguments only (not a submodule)
         self.is_conv = not isinstance(first, nn.Linear)
         rules = [getattr(layer, "rule", None) for layer in layers]
-        self.rule: FeedbackRule | None = rules[0]
+        self.mixed = _mixes(rules)
+        self.rule: FeedbackRule | None = None if self.mixed else rules[0]
         self.member_rules = rules
         self._check_alike(layers, rules)
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone())
         self.bias = (None if first.bias is None else
                      nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]).clone()))
-        self.buffer_names: tuple[str, ...] = tuple(getattr(first, "_rule_buffers", ()))
+        owned = [tuple(getattr(layer, "_rule_buffers", ())) for layer in layers]
+        self.buffer_names: tuple[str, ...] = tuple(dict.fromkeys(name for names in owned for name in names))
         for name in self.buffer_names:
-            self.register_buffer(name, torch.stack([getattr(layer, name) for layer in layers]).clone())
+            like = next(getattr(layer, name) for layer, names in zip(layers, owned) if name in names)
+            self.register_buffer(name, torch.stack([getattr(layer, name) if name in names else torch.zeros_like(like)
+                                                    for layer, names in zip(layers, owned)]).clone())
+        if self.mixed:  # which members send their error through W; the others through B (fa) or 0 (shallow)
+            through_weight = [rule is None or isinstance(rule, Backprop) for rule in rules]
+            self.register_buffer("through_weight", torch.tensor(through_weight).view(-1, *[1] * first.weight.dim()),
+                                 persistent=False)
         self.generators: list[torch.Generator] | None = None  # brsf's per-member streams, set by the Ensemble
         self.dfa_pass: Any = None  # set by the Ensemble for each forward of a dfa ensemble
         self.is_dfa_source = False
@@ -135,22 +151,28 @@ class StackedLayer(nn.Module):
     def _check_alike(layers: list[nn.Module], rules: list[FeedbackRule | None]) -> None:
         first = layers[0]
 
+        mixed = _mixes(rules)
+
         def key(layer: nn.Module, rule: FeedbackRule | None) -> tuple:
-            options = () if rule is None else tuple(
+            options = () if rule is None or mixed else tuple(
                 (name, repr(getattr(rule, name))) for name in rule.__dataclass_fields__ if name != "seed")
-            return (type(layer), layer.weight.shape, layer.weight.dtype, layer.bias is None, type(rule), options,
-                    tuple(getattr(layer, "_rule_buffers", ())), getattr(layer, "_exact_override", False))
+            kind = () if mixed else (type(rule), tuple(getattr(layer, "_rule_buffers", ())))
+            return (type(layer), layer.weight.shape, layer.weight.dtype, layer.bias is None, *kind, options,
+                    getattr(layer, "_exact_override", False))
         for index, (layer, rule) in enumerate(zip(layers, rules)):
             if key(layer, rule) != key(first, rules[0]):
                 raise ValueError(
                     f"Ensemble: member {index}'s layer {type(layer).__name__}(weight {tuple(layer.weight.shape)}, "
                     f"rule {rule}) differs from member 0's {type(first).__name__}(weight "
                     f"{tuple(first.weight.shape)}, rule {rules[0]}); members must share the architecture and the "
-                    "rule with its options (only seeds, and so the random matrices, may differ)")
+                    "rule with its options (only seeds, and so the random matrices, may differ), or mix only "
+                    "backprop, fa and shallow without a feedback nonlinearity")
 
     def _matrix_source(self, layer: nn.Module) -> str | None:
         """Where the member's feedback matrix lives: a buffer's name, ``'weight'``, or None (computed per step)."""
         rule = self.rule
+        if self.mixed:
+            return None
         if rule is None or getattr(rule, "name", "") == "dfa":
             return None
         matrix = rule.feedback(layer)  # pure by contract
@@ -177,6 +199,10 @@ class StackedLayer(nn.Module):
     def _feedback(self, input: Tensor) -> Any:
         """``'exact'``, None, a stacked matrix ``(E, *weight.shape)``, or a send-down callable (dfa)."""
         rule = self.rule
+        if self.mixed:
+            if not (torch.is_grad_enabled() and input.requires_grad):
+                return "exact"
+            return torch.where(self.through_weight, self.weight.detach(), getattr(self, "feedback", 0.0))
         if rule is None or (isinstance(rule, Backprop) and rule._nonlinearity is None):
             return "exact"
         if not (torch.is_grad_enabled() and input.requires_grad):
@@ -258,6 +284,13 @@ class StackedLayer(nn.Module):
             out = functional.conv(merged, weight, bias, feedback, conv.stride, padding, conv.dilation, groups,
                                   **options)
         return out.view(batch, members, -1, *out.shape[2:]).transpose(0, 1)
+
+
+def _mixes(rules: list[FeedbackRule | None]) -> bool:
+    """Whether members' rules differ but all are :data:`MIXABLE_RULES`."""
+    kinds = {Backprop if rule is None else type(rule) for rule in rules}
+    return len(kinds) > 1 and kinds <= set(MIXABLE_RULES) and all(
+        getattr(rule, "_nonlinearity", None) is None for rule in rules)
 
 
 class _MergedSendDown:
