@@ -140,9 +140,12 @@ def network(sizes: tuple[int, int, int], rule: str, seed: int, kp_decay: float |
     return model
 
 
-def loss(out: Tensor, y: Tensor) -> Tensor:
-    """Sigmoid cross-entropy summed over the outputs, mean over the batch (their ``SigmoidCrossEntropyLoss``)."""
-    return F.binary_cross_entropy_with_logits(out, F.one_hot(y, out.shape[1]).to(out.dtype), reduction="sum") / len(y)
+def loss(out: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
+    """Sigmoid cross-entropy summed over the outputs, mean over the batch (their ``SigmoidCrossEntropyLoss``):
+    ``out (B, classes)``; with ``per_member``, an ensemble's ``out (E, B, classes)`` gives each member's ``(E,)``."""
+    target = F.one_hot(y, out.shape[-1]).to(out.dtype).expand_as(out)
+    per_element = F.binary_cross_entropy_with_logits(out, target, reduction="none")
+    return per_element.flatten(1).sum(1) / len(y) if per_member else per_element.sum() / len(y)
 
 
 def optimizer(model: nn.Sequential, lr: float, weight_decay: float = 0.0) -> torch.optim.SGD:
@@ -211,7 +214,17 @@ def mirror_steps(model: nn.Sequential, steps: int, settings: dict[str, Any], gen
 def train_run(ctx: Context, data: TensorDataset, rule: str, *, seed: int, epochs: int, hidden: int,
               train_size: int | None = None, lr: float | None = None, mirror: dict[str, Any] | None = None,
               checkpoint_path: Path | None = None, desc: str = "") -> dict[str, Any]:
-    """Train one network with their protocol; test accuracy and angles after every epoch (and at epoch 0).
+    """One network trained with their protocol: :func:`train_runs` with one seed."""
+    return train_runs(ctx, data, rule, seeds=[seed], epochs=epochs, hidden=hidden, train_size=train_size, lr=lr,
+                      mirror=mirror, checkpoint_path=checkpoint_path, desc=desc)[0]
+
+
+def train_runs(ctx: Context, data: TensorDataset, rule: str, *, seeds: list[int], epochs: int, hidden: int,
+               train_size: int | None = None, lr: float | None = None, mirror: dict[str, Any] | None = None,
+               checkpoint_path: Path | None = None, desc: str = "") -> list[dict[str, Any]]:
+    """One network per seed, trained with their protocol side by side as one :class:`fbalign.Ensemble` (each
+    member as it would train alone, to rounding); test accuracy and angles after every epoch (and at epoch 0).
+    Returns one record per seed: ``history``, ``final``, ``lr``, ``steps_per_epoch``, ``examples``.
 
     A checkpoint after every epoch at ``checkpoint_path`` lets ``--resume`` continue an interrupted run."""
     x, y = data.train_x, data.train_y
@@ -219,46 +232,64 @@ def train_run(ctx: Context, data: TensorDataset, rule: str, *, seed: int, epochs
         x, y = x[:train_size], y[:train_size]
     lr = LR[rule] if lr is None else lr
     mirror = {**MIRROR, **(mirror or {})}
-    model = network((x.shape[1], hidden, 10 if data.num_classes is None else data.num_classes), rule, seed)
-    opt = optimizer(model, lr)
-    noise = torch.Generator().manual_seed(seed + 7919)
+    sizes = (x.shape[1], hidden, 10 if data.num_classes is None else data.num_classes)
+    # Member e's mirror noise comes from the generator a solo run seeds with seed + 7919.
+    ensemble = fbalign.Ensemble([network(sizes, rule, seed) for seed in seeds], seeds=[s + 7919 for s in seeds])
+    opt = optimizer(ensemble.stack, lr)
     probe = ctx.row(NETWORK)["angle_examples"]
     probe_x, probe_y = x[:probe], y[:probe]
-    history: list[dict[str, Any]] = []
+    histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
     start = 0
     if checkpoint_path is not None and ctx.resume and checkpoint_path.exists():
         saved = checkpoint.load(checkpoint_path)
-        model.load_state_dict(saved["model"])
+        ensemble.load_state_dict(saved["ensemble"])
         opt.load_state_dict(saved["optimizer"])
-        noise.set_state(saved["noise"])
-        history, start = saved["history"], saved["epoch"]
+        for member, state in enumerate(saved["noise"]):
+            ensemble.generator(member).set_state(state)
+        histories, start = saved["history"], saved["epoch"]
+
+    def mirror_all(steps: int) -> None:
+        for member, view in enumerate(ensemble.member_views()):
+            mirror_steps(view, steps, mirror, ensemble.generator(member))
+
+    def measure() -> list[dict[str, Any]]:
+        with torch.no_grad():
+            correct = sum((ensemble(data.test_x[i:i + 5000]).argmax(-1) == data.test_y[i:i + 5000]).sum(-1)
+                          for i in range(0, len(data.test_x), 5000))
+        accuracies = (100.0 * correct.double() / len(data.test_x)).tolist()
+        return [{"test_acc": acc, **angles(member, probe_x, probe_y)}
+                for acc, member in zip(accuracies, ensemble.members())]
+
     steps = len(x) // BATCH
     if start == 0:
         if rule == "wm" and mirror["initial"]:
-            mirror_steps(model, steps, mirror, noise)  # FCNN_WM.train: mirror(batch_size, X_train.shape) first
-        history = [{"epoch": 0, "test_acc": accuracy(model, data.test_x, data.test_y),
-                    **angles(model, probe_x, probe_y)}]
+            mirror_all(steps)  # FCNN_WM.train: mirror(batch_size, X_train.shape) first
+        for history, found in zip(histories, measure()):
+            history[:] = [{"epoch": 0, **found}]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="kp: .* weight decay 0")  # decay 0 is their protocol
+        warnings.filterwarnings("ignore", message="kp: .*weight decay 0")  # decay 0 is their protocol
         for epoch in ctx.bar(range(start, epochs), desc=desc or rule, unit="epoch", total=epochs - start):
-            total = 0.0
+            total = torch.zeros(len(seeds), dtype=torch.float64)
             for i in range(steps):  # their order: the stored order, every epoch
                 xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
-                batch_loss = loss(model(xb), yb)
+                member_losses = loss(ensemble(xb), yb, per_member=True)
                 opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
+                member_losses.sum().backward()
                 opt.step()
-                total += float(batch_loss.detach())
+                total += member_losses.detach().double()
                 if rule == "wm" and mirror["every"] and (i + 1) % mirror["every"] == 0:
-                    mirror_steps(model, 1, mirror, noise)
-            if not math.isfinite(total):
-                raise FloatingPointError(f"akrout2019 {rule}: the training loss diverged in epoch {epoch + 1}")
-            history.append({"epoch": epoch + 1, "loss": total / steps,
-                            "test_acc": accuracy(model, data.test_x, data.test_y), **angles(model, probe_x, probe_y)})
+                    mirror_all(1)
+            if not bool(total.isfinite().all()) or ensemble.diverged:
+                raise FloatingPointError(f"akrout2019 {rule}: the training loss diverged in epoch {epoch + 1} "
+                                         f"(seeds {seeds})")
+            for history, found, member_loss in zip(histories, measure(), (total / steps).tolist()):
+                history.append({"epoch": epoch + 1, "loss": member_loss, **found})
             if checkpoint_path is not None:
-                checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "noise": noise.get_state(), "history": history, "epoch": epoch + 1}, checkpoint_path)
-    return {"history": history, "final": history[-1], "lr": lr, "steps_per_epoch": steps, "examples": len(x)}
+                checkpoint.save({"ensemble": ensemble.state_dict(), "optimizer": opt.state_dict(),
+                                 "noise": [ensemble.generator(m).get_state() for m in range(len(seeds))],
+                                 "history": histories, "epoch": epoch + 1}, checkpoint_path)
+    return [{"history": history, "final": history[-1], "lr": lr, "steps_per_epoch": steps, "examples": len(x)}
+            for history in histories]
 
 
 # ---------------------------------------------------------------------------------------------------- main runs
@@ -270,10 +301,9 @@ def run_main(ctx: Context) -> dict[str, Any]:
     epochs, seeds = size["epochs"], size["runs"]
     folder = ctx.folder("main")
     runs: dict[str, list[dict[str, Any]]] = {}
-    for rule in RULES:
-        runs[rule] = [train_run(ctx, data, rule, seed=1111 + s, epochs=epochs, hidden=hidden,
-                                checkpoint_path=folder / f"{rule}-seed{s}.pt", desc=f"{rule} seed {s}")
-                      for s in range(seeds)]
+    for rule in RULES:  # a rule's seeds side by side, as one ensemble
+        runs[rule] = train_runs(ctx, data, rule, seeds=[1111 + s for s in range(seeds)], epochs=epochs,
+                                hidden=hidden, checkpoint_path=folder / f"{rule}-seeds{seeds}.pt", desc=rule)
     summary = {rule: {key: [r["final"][key] for r in found] for key in ("test_acc", "delta", "w0", "w1", "norm1")}
                for rule, found in runs.items()}
     _plot_main(ctx, runs, data.name)
@@ -316,7 +346,8 @@ def report_main(results: dict[str, Any], section: Report, ctx: Context) -> None:
     section.text(
         f"{name}, {results['train_examples']} training examples, network {results['hidden']} sigmoid hidden units, "
         f"batch {results['batch']}, {results['epochs']} epochs (theirs: {EPOCHS}), {results['seeds']} run(s) per rule "
-        f"(mean shown); learning rates BP {LR['bp']}, FA {LR['fa']}, WM {LR['wm']}, KP {LR['kp']} (their run.sh). "
+        "(mean shown; a rule's runs train side by side as one `fbalign.Ensemble`); learning rates "
+        f"BP {LR['bp']}, FA {LR['fa']}, WM {LR['wm']}, KP {LR['kp']} (their run.sh). "
         "KP without weight decay and WM's mirror without decay, both as their code runs them.")
     section.figure("akrout_main.png", "Test accuracy, the hidden layer's ∡(δ, δ_BP), and ∡(B, Wᵀ) per epoch.")
     rows = []
@@ -494,8 +525,12 @@ def run_mirror_alone(ctx: Context) -> dict[str, Any]:
     """The output layer's mirror on its own: W fixed at the main WM run's trained output weights (or a random W
     of their element scale and another width), B from their initial draw, angle ∡(B, Wᵀ) after 1 … N mirror
     steps. Training adds only W's drift; every knob of the mirror shows here at the length of their training."""
-    saved = checkpoint.load(ctx.out_dir / "main" / "wm-seed0.pt")["model"]
-    trained_w, trained_b = saved["2.weight"], saved["2.bias"]
+    found = sorted((ctx.out_dir / "main").glob("wm-seeds*.pt"))
+    if not found:
+        raise FileNotFoundError(f"wm_mirror reads the main WM run's checkpoint, and {ctx.out_dir / 'main'} has none; "
+                                "run the main experiment first (it is in wm_mirror's needs)")
+    saved = checkpoint.load(found[0])["ensemble"]  # the first seed's: member 0 of the stacked output layer
+    trained_w, trained_b = saved["stack.2.weight"][0], saved["stack.2.bias"][0]
     size = ctx.row(MIRROR_ALONE)
     total = size["steps"]
     chosen = [s for s in MIRROR_SETTINGS if size["settings"] is None or s[0] in size["settings"]]

@@ -78,13 +78,14 @@ def test_angles_are_the_hand_computed_ones():
     model = ak.network((40, 16, 10), "fa", seed=1)
     x, y = data.train_x[:20], data.train_y[:20]
     got = ak.angles(model, x, y)
-    h = torch.sigmoid(x @ model[0].weight.T + model[0].bias)
-    e = torch.sigmoid(h @ model[2].weight.T + model[2].bias) - F.one_hot(y, 10)
-    b = model[2].feedback.T  # B, (hidden × outputs)
-    d_fa, d_bp = (e @ b.T) * h * (1 - h), (e @ model[2].weight) * h * (1 - h)
-    cosines = (d_fa * d_bp).sum(1) / (d_fa.norm(dim=1) * d_bp.norm(dim=1))
+    with torch.no_grad():
+        h = torch.sigmoid(x @ model[0].weight.T + model[0].bias)
+        e = torch.sigmoid(h @ model[2].weight.T + model[2].bias) - F.one_hot(y, 10)
+        b = model[2].feedback.T  # B, (hidden × outputs)
+        d_fa, d_bp = (e @ b.T) * h * (1 - h), (e @ model[2].weight) * h * (1 - h)
+        cosines = (d_fa * d_bp).sum(1) / (d_fa.norm(dim=1) * d_bp.norm(dim=1))
     assert got["delta"] == pytest.approx(float(torch.rad2deg(torch.acos(cosines.clamp(-1, 1))).mean()), abs=1e-3)
-    assert got["w1"] == pytest.approx(float(angle(b.T, model[2].weight)), abs=1e-9)
+    assert got["w1"] == pytest.approx(float(angle(b.T, model[2].weight.detach())), abs=1e-9)
     assert ak.angles(ak.network((40, 16, 10), "bp", seed=1), x, y)["delta"] == 0.0
 
 
@@ -149,19 +150,32 @@ def test_reproduce_tiny_end_to_end_and_resume(tiny, tmp_path):
     assert mirror["lr ×10"][-1][1] < mirror["lr ×10"][0][1]  # the mirror aligns B with the trained W
     assert "akrout_mirror_alone.png" in report
     # An interrupted run continues from its per-epoch checkpoint: the same numbers as uninterrupted.
-    checkpoint = tmp_path / "main" / "kp-seed0.pt"
+    checkpoint = tmp_path / "main" / "kp-seeds1.pt"
     assert checkpoint.exists()
     resumed = common.Context("akrout2019", tmp_path / "again", scale="tiny", progress=False, resume=True)
     (tmp_path / "again" / "main").mkdir(parents=True)
     saved = fbalign.checkpoint.load(checkpoint)
     torch.manual_seed(123)
-    run = ak.train_run(resumed, tiny, "kp", seed=1111, epochs=2, hidden=16,
-                       checkpoint_path=tmp_path / "main" / "kp-seed0.pt")
-    assert run["history"] == saved["history"]
+    run = ak.train_run(resumed, tiny, "kp", seed=1111, epochs=2, hidden=16, checkpoint_path=checkpoint)
+    assert run["history"] == saved["history"][0]
     more = ak.train_run(resumed, tiny, "kp", seed=1111, epochs=3, hidden=16, checkpoint_path=checkpoint)
     fresh = ak.train_run(ctx, tiny, "kp", seed=1111, epochs=3, hidden=16)
     assert more["history"][-1]["test_acc"] == fresh["history"][-1]["test_acc"]
     assert more["history"][-1]["w1"] == pytest.approx(fresh["history"][-1]["w1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["fa", "wm", "kp"])
+def test_seeds_side_by_side_train_as_each_alone(tiny, rule):
+    """--full trains a rule's seeds as one ensemble: each seed's curve is the one it has alone (float32 rounding)."""
+    ctx = common.Context("akrout2019", "/tmp/unused", scale="tiny", progress=False)
+    together = ak.train_runs(ctx, tiny, rule, seeds=[1, 2, 3], epochs=2, hidden=16)
+    for seed, run in zip([1, 2, 3], together):
+        alone = ak.train_run(ctx, tiny, rule, seed=seed, epochs=2, hidden=16)
+        for mine, theirs in zip(run["history"], alone["history"], strict=True):
+            assert mine.keys() == theirs.keys()
+            for key in mine:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), (seed, mine["epoch"], key)
+    assert together[0]["history"][-1]["w1"] != together[1]["history"][-1]["w1"]  # seeds differ
 
 
 def test_unknown_data_set_is_refused():

@@ -168,6 +168,21 @@ def test_members_mixing_backprop_fa_and_shallow_train_as_alone(build: str) -> No
     assert torch.equal(first[0].weight, models[2][0].weight)
 
 
+def test_member_views_write_through_and_follow_a_move() -> None:
+    ens = fbalign.Ensemble([fbalign.convert(mlp(m), "wm", seed=m) for m in range(3)])
+    views = ens.member_views()
+    assert ens.member_views()[1] is views[1]  # made once
+    with torch.no_grad():
+        views[1][0].feedback.fill_(0.5)
+        views[2][0].weight.fill_(0.25)
+    assert bool((ens.stack[0].feedback[1] == 0.5).all()) and bool((ens.stack[0].weight[2] == 0.25).all())
+    assert bool((ens.stack[0].feedback[0] != 0.5).any())
+    ens.float()  # new tensors: new views
+    moved = ens.member_views()
+    assert moved[1] is not views[1] and moved[1][0].weight.dtype == torch.float32
+    assert moved[1][0].weight.data_ptr() == ens.stack[0].weight[1].data_ptr()
+
+
 def test_mixing_other_rules_is_refused() -> None:
     with pytest.raises(ValueError, match="mix only backprop, fa and shallow"):
         fbalign.Ensemble([fbalign.convert(mlp(0), "fa", seed=0), fbalign.convert(mlp(1), "usf")])

@@ -310,20 +310,25 @@ class Ensemble(nn.Module):
             found.append(member.train(self.training))
         return found
 
-    def _member_views(self) -> list[nn.Module]:
-        """E models whose parameters and buffers are views of the ensemble's: writing to them writes to it."""
-        views = []
+    def member_views(self) -> list[nn.Module]:
+        """E models whose parameters and buffers are views of the ensemble's: writing to them writes to it (for
+        what changes a model in place, such as a mirror phase: ``fbalign.mirror(ens.member_views()[e], ...)``).
+        Made once and reused while the ensemble's tensors stay where they are (``.to()`` makes new ones)."""
         state = self._state()
-        for index, template in enumerate(self._templates):
-            member = copy.deepcopy(template)
-            own = _state_names(member)
-            for name, tensor, buffer in state:
-                if name not in own:
-                    continue
-                view = tensor[index] if buffer else nn.Parameter(tensor.detach()[index], tensor.requires_grad)
-                _set(member, name, view, buffer=buffer)
-            views.append(member.train(self.training))
-        return views
+        key = tuple(tensor.data_ptr() for _, tensor, _ in state)
+        if getattr(self, "_views_key", None) != key:
+            self._views = []
+            for index, template in enumerate(self._templates):
+                member = copy.deepcopy(template)
+                own = _state_names(member)
+                for name, tensor, buffer in state:
+                    if name not in own:
+                        continue
+                    view = tensor[index] if buffer else nn.Parameter(tensor.detach()[index], tensor.requires_grad)
+                    _set(member, name, view, buffer=buffer)
+                self._views.append(member)
+            self._views_key = key
+        return [view.train(self.training) for view in self._views]
 
     def per_member(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``[function(member, *args, **kwargs) for member in self.members()]``: e.g. the alignment metrics per
@@ -333,7 +338,7 @@ class Ensemble(nn.Module):
     def mirror(self, steps: int, **options: Any) -> None:
         """A weight-mirror phase (:func:`fbalign.mirror`) for every member, each drawing its noise from its own
         generator (what it draws alone after ``torch.manual_seed(seeds[e])``); ``options`` as for ``mirror``."""
-        for index, member in enumerate(self._member_views()):
+        for index, member in enumerate(self.member_views()):
             if index in self.diverged:
                 continue
             mirror(member, steps, **{"generator": self.generator(index), **options})
