@@ -414,8 +414,8 @@ def run_kp_invariant(ctx: Context) -> dict[str, Any]:
                     error = float((layer.weight.detach() - layer.feedback - predicted).abs().max() / d0.abs().max())
                     worst = max(worst, error)
                 if t % max(1, steps // 20) == 0:
-                    offset_norm.append([t, float((model[2].weight - model[2].feedback).norm() / start[1].norm()),
-                                        shrink])
+                    offset = (model[2].weight.detach() - model[2].feedback).norm() / start[1].norm()
+                    offset_norm.append([t, float(offset), shrink])
         key = f"{str(dtype).split('.')[-1]}_decay{decay:g}"
         out[key] = {"dtype": str(dtype), "decay": decay, "lr": lr, "steps": steps, "max_relative_error": worst,
                     "offset_curve": offset_norm, "eps": float(torch.finfo(dtype).eps)}
