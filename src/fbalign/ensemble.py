@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 import weakref
 from collections import OrderedDict
@@ -369,12 +370,12 @@ class Ensemble(nn.Module):
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         mine = [p for p in self._params if id(p) in group_of]
         if not mine:
-            self._plans[id(optimizer)] = plan = _StepPlan(key, weakref.ref(optimizer), [], [], [], [])
+            self._plans[id(optimizer)] = plan = _StepPlan(key, weakref.ref(optimizer), [], [], {}, [])
             return plan
         kp = [(layer, group_of[id(layer.weight)]) for layer in self._layers
               if isinstance(layer.rule, KP) and id(layer.weight) in group_of]
-        plan = _StepPlan(key, weakref.ref(optimizer), mine, [torch.empty_like(p) for p in mine],
-                         [group_of[id(p)] for p in mine], kp)
+        plan = _StepPlan(key, weakref.ref(optimizer), mine, [torch.empty_like(p) for p in mine], group_of[id(mine[0])],
+                         kp)
         self._plans[id(optimizer)] = plan
         return plan
 
@@ -433,7 +434,7 @@ class Ensemble(nn.Module):
             for p, old in zip(plan.params, plan.old):
                 p[member] = old[member]
             self.alive[member] = False
-            lr = float(plan.groups[0]["lr"]) * float(self.lr_scale[member])
+            lr = float(plan.group["lr"]) * float(self.lr_scale[member])
             self.diverged[member] = (f"member {member} diverged at optimizer step {self.steps} (learning rate "
                                      f"{lr:g}): its parameters became NaN or infinite, so it is stopped at its last "
                                      "finite weights; the other members train on")
@@ -442,14 +443,14 @@ class Ensemble(nn.Module):
 
 @dataclasses.dataclass
 class _StepPlan:
-    """An optimizer's share of an ensemble: its parameters, their copies from before the step, their
-    groups, and the kp layers (with their groups) whose B follows the step."""
+    """An optimizer's share of an ensemble: its parameters, their copies from before the step, the first one's
+    group (whose lr a divergence message quotes), and the kp layers (with their groups) whose B follows the step."""
 
     key: tuple[int, ...]
     optimizer: Callable[[], torch.optim.Optimizer | None]
     params: list[Tensor]
     old: list[Tensor]
-    groups: list[dict]
+    group: dict
     kp: list[tuple[StackedLayer, dict]]
     saving: bool = False
 
@@ -457,15 +458,12 @@ class _StepPlan:
 # --- optimizer step hooks (any optimizer holding an ensemble's parameters) -------------------------------------------
 
 _ENSEMBLES: weakref.WeakSet[Ensemble] = weakref.WeakSet()
-_hooks_installed = False
 
 
+@functools.cache  # once per process: the hooks serve every optimizer
 def _install_optimizer_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        register_optimizer_step_pre_hook(_before_step)
-        register_optimizer_step_post_hook(_after_step)
-        _hooks_installed = True
+    register_optimizer_step_pre_hook(_before_step)
+    register_optimizer_step_post_hook(_after_step)
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -30,6 +30,7 @@ the default λ = σ²), using only activity each layer's neurons can see.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -101,15 +102,12 @@ class WM(_PlasticRule):
 _KP_LAYERS: weakref.WeakSet[fbnn.FeedbackLayer] = weakref.WeakSet()
 # Layers whose V holds the shrunk offset V − W while their optimizer steps, by optimizer.
 _IN_STEP: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[fbnn.FeedbackLayer]] = weakref.WeakKeyDictionary()
-_hooks_installed = False
 
 
+@functools.cache  # once per process: the hooks serve every optimizer
 def _install_optimizer_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        register_optimizer_step_pre_hook(_before_step)
-        register_optimizer_step_post_hook(_after_step)
-        _hooks_installed = True
+    register_optimizer_step_pre_hook(_before_step)
+    register_optimizer_step_post_hook(_after_step)
 
 
 @torch.no_grad()
