@@ -43,7 +43,16 @@ from fbalign.checkpoint import atomic_write_text
 from fbalign.config import load_config
 from fbalign.data import TensorDataset
 from fbalign.runner import Stop, run
-from fbalign.train import CHECKPOINT, DivergedError, RunDirectoryError, build_model, load_data, train
+from fbalign.train import (
+    CHECKPOINT,
+    DivergedError,
+    RunDirectoryError,
+    TrainResult,
+    build_model,
+    load_data,
+    train,
+    train_ensemble,
+)
 
 from .common import Claim, Context, Experiment, Report, ReproductionError, fmt, load_results, welch_p
 from .toolkit import new_figure, summary
@@ -104,6 +113,13 @@ SIGNIFICANCE = 0.05  # Welch t-tests over seeds
 # Its experiments train their conditions in worker processes (fbalign.runner): reproduce runs them one at a time.
 TRAINS_IN_PROCESSES = True
 JOBS: int | None = None  # training processes, overriding the scale row's "workers" (None: one per CPU core)
+# Models whose runs of a cell train as one fbalign ensemble on the CPU too (on a GPU all do). None: measured on 2
+# cores, a cell's 6 learning rates as one ensemble against one after another, one process, one thread: the 3×256
+# MLP 1.3× faster, LeNet-5 0.97× (the grouped convolution stacking the members' convolutions is slower on a CPU
+# than 6 separate ones); and the whole quick reproduction, two worker processes, took 766 s with the MLP cells as
+# ensembles against 717 s without (its MLP runs 99.6 against 91.9 s: two processes share the memory bandwidth the
+# ensembles' larger tensors need).
+ENSEMBLES_ON_CPU: tuple[str, ...] = ()
 
 MAGNITUDE_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": RULES},
                    "full": {"models": ("mlp", "lenet5"), "rules": RULES},
@@ -185,48 +201,92 @@ def _prepared(data_json: str) -> TensorDataset:
     return load_data(load_config({"data": json.loads(data_json)}))
 
 
-def _train_job(job: dict[str, Any], stop: Stop) -> dict[str, Any] | None:
-    """Train one run (in a worker process or this one) and return its outcome, also kept in ``folder/outcome.json``
-    so that a resumed reproduction reuses it. A divergence is an outcome, not an error; a run stopped by ``stop``
-    returns None (its checkpoint stays for --resume)."""
-    folder = Path(job["folder"])
-    if (folder / OUTCOME).exists():
-        if not job["resume"]:
-            raise ReproductionError(f"{folder} holds a finished run; add --resume to reuse it, or --overwrite")
-        return json.loads((folder / OUTCOME).read_text())
-    config = job["config"]
-    data = _prepared(json.dumps(config["data"], sort_keys=True))
-    start = time.perf_counter()
-    outcome: dict[str, Any] = {"lr": config["optimizer"]["lr"], "seed": config["seed"],
-                               "chance_error": 100.0 * (1.0 - 1.0 / data.num_classes)}
+def _train_group(group: dict[str, Any], stop: Stop) -> list[dict[str, Any]] | None:
+    """Train a group of runs of one cell (a worker's job): the learning-rate grid at seed 0, or the other seeds at
+    the chosen rate. With ``ensemble`` set they train side by side as one :func:`fbalign.train.train_ensemble`
+    (each member as its run alone trains), else one after another. Each run's outcome is also kept in
+    ``folder/outcome.json`` so that a resumed reproduction reuses it; a divergence is an outcome, not an error.
+    None: ``stop`` stopped the group (its checkpoint stays for --resume)."""
+    jobs = group["jobs"]
+    done = {}
+    for index, job in enumerate(jobs):
+        if (Path(job["folder"]) / OUTCOME).exists():
+            if not group["resume"]:
+                raise ReproductionError(f"{job['folder']} holds a finished run; add --resume to reuse it, or "
+                                        "--overwrite")
+            done[index] = json.loads((Path(job["folder"]) / OUTCOME).read_text())
+    todo = [index for index in range(len(jobs)) if index not in done]
+    if not todo:
+        return [done[index] for index in range(len(jobs))]
+    data = _prepared(json.dumps(jobs[todo[0]]["config"]["data"], sort_keys=True))
     try:
-        result = train(config, data=data, run_dir=folder if job["checkpoints"] else None,
-                       resume=job["resume"] and job["checkpoints"], stop=stop)
-    except DivergedError as e:
-        outcome.update(status="diverged", message=str(e).split(";")[0])
+        if group["ensemble"] and len(todo) > 1:
+            folder = Path(group["folder"]) if group["checkpoints"] else None
+            start = time.perf_counter()
+            results = train_ensemble([jobs[index]["config"] for index in todo], data=data, run_dir=folder,
+                                     resume=group["resume"] and folder is not None, stop=stop)
+            if any(result.status == "interrupted" for result in results):
+                return None
+            seconds = (time.perf_counter() - start) / len(todo)  # the members share the ensemble's time
+            for index, result in zip(todo, results):
+                done[index] = _keep(jobs[index], result, data, seconds, len(todo))
+            if folder is not None:
+                (folder / CHECKPOINT).unlink(missing_ok=True)
+        else:
+            for index in todo:  # each outcome kept as soon as it exists: a stop loses no finished run
+                folder = Path(jobs[index]["folder"]) if group["checkpoints"] else None
+                start = time.perf_counter()
+                result = _train_alone(jobs[index]["config"], data, folder, group["resume"], stop)
+                if result.status == "interrupted":
+                    return None
+                done[index] = _keep(jobs[index], result, data, time.perf_counter() - start, 1)
     except RunDirectoryError as e:  # an unfinished run of a killed reproduction
         raise ReproductionError(f"{e}; add --resume to continue it, or --overwrite") from None
+    return [done[index] for index in range(len(jobs))]
+
+
+def _keep(job: dict[str, Any], result: TrainResult, data: TensorDataset, seconds: float, together: int
+          ) -> dict[str, Any]:
+    """A run's outcome, written to its ``folder/outcome.json`` (its checkpoint removed: the metrics stay)."""
+    config, folder = job["config"], Path(job["folder"])
+    outcome: dict[str, Any] = {"lr": config["optimizer"]["lr"], "seed": config["seed"],
+                               "chance_error": 100.0 * (1.0 - 1.0 / data.num_classes), "trained_with": together}
+    if result.status == "diverged":
+        outcome.update(status="diverged", message=result.error)
     else:
-        if result.status != "finished":
-            return None
         final = result.final
         outcome.update(status="finished", val_error=final["val_error"], val_loss=final["val_loss"],
                        test_error=final["test_error"], train_loss=final["train_loss"],
                        train_error=final["train_error"], test_curve=[h["test_error"] for h in result.history])
-    outcome["seconds"] = time.perf_counter() - start
+    outcome["seconds"] = seconds
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / OUTCOME, json.dumps(outcome) + "\n")
-    (folder / CHECKPOINT).unlink(missing_ok=True)  # the outcome and metrics stay; checkpoints would fill the disk
+    (folder / CHECKPOINT).unlink(missing_ok=True)
     return outcome
 
 
-def _train_all(jobs: list[dict[str, Any]], workers: int | None) -> list[dict[str, Any]]:
-    """Every job's outcome, in order, by :func:`fbalign.runner.run` (``workers`` processes; 1: in this one).
-    Ctrl-C or SIGTERM stops every run, keeping what finished, and raises KeyboardInterrupt."""
-    outcomes = run(_train_job, jobs, workers=workers, executor="inline" if workers == 1 else "process")
-    if any(o is None for o in outcomes):  # a run stopped without the runner seeing a signal
+def _train_alone(config: dict[str, Any], data: TensorDataset, folder: Path | None, resume: bool, stop: Stop
+                 ) -> TrainResult:
+    """One run by :func:`fbalign.train.train`, a divergence reported as ``train_ensemble`` reports a member's."""
+    try:
+        return train(config, data=data, run_dir=folder, resume=resume and folder is not None, stop=stop)
+    except DivergedError as e:
+        return TrainResult(torch.nn.Module(), load_config(config), status="diverged", error=str(e).split(";")[0])
+
+
+def _train_all(groups: list[dict[str, Any]], workers: int | None) -> list[dict[str, Any]]:
+    """Every group's outcomes, flattened in order, by :func:`fbalign.runner.run` (``workers`` processes; 1: in
+    this one). Ctrl-C or SIGTERM stops every run, keeping what finished, and raises KeyboardInterrupt."""
+    found = run(_train_group, groups, workers=workers, executor="inline" if workers == 1 else "process")
+    if any(outcomes is None for outcomes in found):  # a group stopped without the runner seeing a signal
         raise KeyboardInterrupt("a training run was stopped; continue with --resume")
-    return outcomes
+    return [outcome for outcomes in found for outcome in outcomes]
+
+
+def trains_as_ensemble(ctx: Context, model: str) -> bool:
+    """Whether a cell's runs of ``model`` train side by side as one ensemble: always on a GPU; on the CPU only
+    where that is faster than one after another (``ENSEMBLES_ON_CPU``)."""
+    return ctx.device.type != "cpu" or model in ENSEMBLES_ON_CPU
 
 
 def collapse_kind(outcome: dict[str, Any]) -> str | None:
@@ -262,18 +322,21 @@ def run_cells(ctx: Context, experiment: str, cells: Sequence[Cell], setup: dict[
     seeds = ctx.runs(setup["seeds"], setup["seeds"])
     grids = setup["lr_grid"]
 
-    def job(cell: Cell, lr: float, seed: int) -> dict[str, Any]:
-        return {"config": cell_config(ctx, cell, lr, seed, setup), "folder": str(ctx.folder(experiment, cell.key) /
-                                                                              f"lr{lr:g}-seed{seed}"),
+    def group(cell: Cell, name: str, runs: list[tuple[float, int]]) -> dict[str, Any]:
+        folder = ctx.folder(experiment, cell.key)
+        return {"jobs": [{"config": cell_config(ctx, cell, lr, seed, setup),
+                          "folder": str(folder / f"lr{lr:g}-seed{seed}")} for lr, seed in runs],
+                "folder": str(folder / name), "ensemble": trains_as_ensemble(ctx, cell.model),
                 "checkpoints": setup["checkpoints"], "resume": ctx.resume}
 
     # One process per core on the CPU, one on a GPU (its runs share it badly); the scale row or JOBS may say.
     workers = JOBS or setup.get("workers") or (1 if ctx.device.type != "cpu" else None)
-    tuned = iter(_train_all([job(cell, lr, 0) for cell in cells for lr in grids[cell.optimizer]], workers))
+    tuned = iter(_train_all([group(cell, "tuning", [(lr, 0) for lr in grids[cell.optimizer]]) for cell in cells],
+                            workers))
     tuning = {cell.key: [next(tuned) for _ in grids[cell.optimizer]] for cell in cells}
     chosen = {cell.key: grids[cell.optimizer][_choose(tuning[cell.key])] for cell in cells}
-    trained = iter(_train_all([job(cell, chosen[cell.key], seed) for cell in cells for seed in range(1, seeds)],
-                              workers))
+    trained = iter(_train_all([group(cell, "seeds", [(chosen[cell.key], seed) for seed in range(1, seeds)])
+                               for cell in cells if seeds > 1], workers))
     results = {}
     for cell in cells:
         grid = list(grids[cell.optimizer])

@@ -126,7 +126,8 @@ def test_collapsed_runs_are_flagged_not_raised(one_thread, tmp_path, monkeypatch
     assert frozen["collapse"] == ["chance", "chance"] and frozen["collapsed"] and frozen["rates_that_train"] == 0
     assert frozen["test_error"]["mean"] > 80
     # A resumed reproduction reuses the outcomes without training; a fresh one refuses to overwrite them.
-    monkeypatch.setattr(liao2016, "train", None)  # calling it would fail
+    monkeypatch.setattr(liao2016, "train", None)  # calling either would fail
+    monkeypatch.setattr(liao2016, "train_ensemble", None)
     again = liao2016.run_cells(_context(tmp_path, resume=True), "probe", cells, setup)
     assert again == found
     with pytest.raises(common.ReproductionError, match="--resume"):
@@ -161,6 +162,26 @@ def test_parallel_workers_give_the_serial_numbers(one_thread, tmp_path):
         return {k: [{n: v for n, v in o.items() if n != "seconds"} for o in c["runs"]] for k, c in found.items()}
 
     assert numbers(serial) == numbers(parallel) and list(parallel) == ["mlp-fa", "mlp-usf"]
+
+
+def test_a_cells_runs_train_as_one_ensemble_with_the_numbers_of_runs_alone(one_thread, tmp_path, monkeypatch):
+    """A cell's runs (its rate grid, then its other seeds) train as one fbalign ensemble (on a GPU, or on the CPU
+    for the models ENSEMBLES_ON_CPU names); each run's numbers are those it has alone (to float32 rounding)."""
+    cells = [liao2016.Cell("mlp-brsf", "mlp", "brsf", True, "sgd"), liao2016.Cell("mlp-usf", "mlp", "usf", False, "bm")]
+    setup = {**TINY, "epochs": {"mlp": 2, "lenet5": 1}, "seeds": 3}
+    monkeypatch.setattr(liao2016, "ENSEMBLES_ON_CPU", ("mlp",))  # as on a GPU
+    together = liao2016.run_cells(_context(tmp_path), "e", cells, setup)
+    monkeypatch.setattr(liao2016, "ENSEMBLES_ON_CPU", ())
+    alone = liao2016.run_cells(_context(tmp_path, out_dir=tmp_path / "alone"), "e", cells, setup)
+    for cell in cells:
+        key, grid = cell.key, setup["lr_grid"][cell.optimizer]
+        runs = together[key]["tuning"] + together[key]["runs"]
+        assert [o["trained_with"] for o in together[key]["runs"]] == [len(grid), 2, 2]
+        assert {o["trained_with"] for o in alone[key]["runs"]} == {1}
+        assert together[key]["lr"] == alone[key]["lr"]
+        for mine, theirs in zip(runs, alone[key]["tuning"] + alone[key]["runs"]):
+            assert mine["status"] == theirs["status"]
+            assert mine["test_error"] == pytest.approx(theirs["test_error"], abs=0.6)  # at most 2 of 360 examples
 
 
 def test_bad_data_name_fails_clearly(tmp_path):

@@ -358,8 +358,23 @@ class Ensemble(nn.Module):
         if getattr(self, "_scale_key", None) != key:
             scale = self.lr_scale * self.alive
             self._scale_cache = (scale, bool((scale != 1).any()))
+            stopped = (~self.alive).nonzero().flatten()
+            self._stopped_cache = stopped if len(stopped) else None
+            self._lerp_weights: dict[tuple[torch.dtype, int], Tensor] = {}
             self._scale_key = key
         return self._scale_cache
+
+    def _stopped_members(self) -> Tensor | None:
+        """The indices of the stopped members (None: every member trains); valid after :meth:`_scale`."""
+        return self._stopped_cache
+
+    def _lerp_weight(self, like: Tensor) -> Tensor:
+        """``1 − scale`` per member, shaped to broadcast over ``like`` (cached per dtype and rank)."""
+        key = (like.dtype, like.dim())
+        weight = self._lerp_weights.get(key)
+        if weight is None:
+            weight = self._lerp_weights[key] = self._member_view(1.0 - self._scale_cache[0], like)
+        return weight
 
     def _plan(self, optimizer: torch.optim.Optimizer) -> _StepPlan | None:
         """What this ensemble does around ``optimizer``'s steps (cached until its parameter groups change)."""
@@ -414,9 +429,14 @@ class Ensemble(nn.Module):
             self.steps += 1
             scale, rescale = self._scale()
             if rescale:
+                # One pass per tensor: p + (1 - s)(old - p), which torch.lerp makes exactly p at s = 1 and exactly
+                # old at s = 0 (for finite p; a stopped member's NaNs are overwritten just below).
                 for p, old in zip(plan.params, plan.old):
-                    s = self._member_view(scale, p)
-                    p.copy_(torch.where(s == 1, p, torch.where(s == 0, old, old + s * (p - old))))
+                    p.lerp_(old, self._lerp_weight(p))
+                stopped = self._stopped_members()
+                if stopped is not None:
+                    for p, old in zip(plan.params, plan.old):
+                        p.index_copy_(0, stopped, old.index_select(0, stopped))
             if self.stop_diverged:
                 self._stop_diverged(plan)
         for layer, _ in plan.kp:

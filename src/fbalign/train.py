@@ -22,7 +22,7 @@ import os
 import random
 import shlex
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,12 @@ from .builders import (
 )
 from .config import Config, ConfigError, load_config
 from .data import TensorDataset
-from .rundir import CHECKPOINT, RunDirectoryError
+from .rundir import CHECKPOINT, RunDirectoryError, truncate_records
 from .runner import Stop
-from .trainer import DivergedError, Trainer, TrainResult, evaluate
+from .trainer import DivergedError, EnsembleTrainer, Trainer, TrainResult, evaluate
 
-__all__ = ["train", "TrainResult", "DivergedError", "RunDirectoryError", "evaluate", "build_model", "load_data",
-           "resolve_device", "add_parser", "main", "Trainer", "CHECKPOINT"]
+__all__ = ["train", "train_ensemble", "TrainResult", "DivergedError", "RunDirectoryError", "evaluate", "build_model",
+           "load_data", "resolve_device", "add_parser", "main", "Trainer", "CHECKPOINT"]
 
 
 def train(config: Config | Mapping[str, Any] | str | os.PathLike | None = None, *,
@@ -142,6 +142,169 @@ def _train(cfg: Config, device: torch.device, run: Path | None, resume: bool, st
     if run is not None and ranks.is_main and status == "finished":
         rundir.write_result(run, result.summary())
     return result
+
+
+# Settings members of one ensemble may differ in (everything else is shared: one data set, one schedule, ...).
+MEMBER_SETTINGS = ("name", "seed", "rule", "optimizer.lr")
+
+
+def train_ensemble(configs: Sequence[Config | Mapping[str, Any] | str | os.PathLike], *,
+                   models: Sequence[nn.Module] | None = None, data: TensorDataset | None = None,
+                   run_dir: str | os.PathLike | None = None, resume: bool = False, stop: Stop | None = None,
+                   handle_signals: bool = True) -> list[TrainResult]:
+    """Train several runs of one set-up side by side as one :class:`fbalign.Ensemble`, each as :func:`train` would
+    train it alone; return one :class:`TrainResult` per configuration, in order.
+
+    The configurations may differ only in ``seed`` (a member's initial weights, feedback matrices, data order and
+    brsf draws), ``optimizer.lr`` (a learning-rate grid: the optimizer runs at the largest rate and each member's
+    step is scaled to its own, see :class:`fbalign.Ensemble`), ``rule`` (as members of an Ensemble may: one rule
+    with different seeds, or backprop, fa and shallow mixed) and ``name``. Member ``e``'s weights and metrics are
+    those of ``train(configs[e])`` up to float rounding (tested to 1e-12 in float64), except for dropout's masks,
+    which the members draw together.
+
+    A member whose loss (or weights) becomes NaN/Inf is stopped where it was, with ``status='diverged'`` and the
+    reason in ``error`` (where :func:`train` raises :class:`DivergedError`); the others train on. Ctrl-C, SIGTERM
+    or ``stop`` save one checkpoint of the whole ensemble and return ``status='interrupted'`` for every member;
+    ``resume=True`` continues it. ``run_dir`` holds ``checkpoint.pt``, ``config.toml`` (member 0's), ``steps.jsonl``
+    and, per member, ``members/<e>/`` with its ``config.toml``, metrics and ``result.json``.
+
+    Args:
+        configs: one configuration per member (TOML files, dicts or :class:`~fbalign.config.Config`).
+        models: one ``nn.Module`` per member to train instead of the configured model (converted to its rule in
+            place, as ``train(model=...)``).
+        data: a :class:`~fbalign.data.TensorDataset` to use as is (None: loaded from the configurations' ``data``).
+        run_dir, resume, stop, handle_signals: as for :func:`train`.
+
+    Raises:
+        ConfigError: configurations that differ elsewhere than :data:`MEMBER_SETTINGS`, ``log.alignment`` (measure
+            members with :meth:`fbalign.Ensemble.per_member`), or a call under torchrun (an ensemble is one process).
+        ValueError: models an Ensemble cannot hold together (different architectures or rule options).
+        RunDirectoryError: as for :func:`train`.
+    """
+    cfgs = [load_config(c) for c in configs]
+    _check_ensemble_configs(cfgs, models)
+    device = resolve_device(cfgs[0].device)
+    threads = torch.get_num_threads()
+    if cfgs[0].threads:
+        torch.set_num_threads(cfgs[0].threads)
+    try:
+        run = Path(run_dir) if run_dir is not None else None
+        if stop is not None:
+            return _train_ensemble(cfgs, device, run, resume, stop, models, data)
+        stop = Stop()
+        with stop.catch_signals() if handle_signals else nullcontext():
+            return _train_ensemble(cfgs, device, run, resume, stop, models, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_ensemble_configs(cfgs: list[Config], models: Sequence[nn.Module] | None) -> None:
+    if not cfgs:
+        raise ConfigError("train_ensemble needs at least one configuration")
+    if models is not None and len(models) != len(cfgs):
+        raise ConfigError(f"train_ensemble: {len(models)} models for {len(cfgs)} configurations; give one per "
+                          "configuration")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train_ensemble trains all members in one process; run it without torchrun (DDP splits "
+                          "one model's batch, an ensemble already batches its members)")
+    if cfgs[0].log.alignment:
+        raise ConfigError("train_ensemble does not record alignment (log.alignment); measure the members with "
+                          "Ensemble.per_member(fbalign.metrics.measure_alignment, ...) or train them with train()")
+
+    def shared(cfg: Config) -> dict[str, Any]:
+        raw = cfg.to_dict()
+        for key in MEMBER_SETTINGS:
+            section, _, leaf = key.rpartition(".")
+            (raw[section] if section else raw).pop(leaf, None)
+        return raw
+
+    first = shared(cfgs[0])
+    for index, cfg in enumerate(cfgs[1:], 1):
+        differs = rundir._config_differences(first, shared(cfg))
+        if differs:
+            raise ConfigError(f"train_ensemble: configuration {index} differs from configuration 0 in "
+                              f"{', '.join(differs)}; members may differ only in {', '.join(MEMBER_SETTINGS)} (train "
+                              "the others as another ensemble)")
+
+
+def _train_ensemble(cfgs: list[Config], device: torch.device, run: Path | None, resume: bool, stop: Stop,
+                    models: Sequence[nn.Module] | None, data: TensorDataset | None) -> list[TrainResult]:
+    from .ensemble import Ensemble
+
+    saved = rundir.open_run_directory(run, cfgs[0], resume)
+    if saved is not None and run is not None:
+        _check_saved_members(run, saved, cfgs)
+    if data is None:
+        torch.manual_seed(cfgs[0].seed)  # as train() loads it
+        data = load_data(cfgs[0])
+    if len(data.train_x) < cfgs[0].batch_size:
+        raise ConfigError(f"batch_size = {cfgs[0].batch_size} is larger than the {len(data.train_x)} training "
+                          f"examples of {data.name}; lower batch_size")
+    members, draws = [], []
+    for index, cfg in enumerate(cfgs):  # each member built exactly as train() builds it alone
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        model = convert_model(models[index], cfg) if models is not None else build_model(cfg, data)
+        draws.append(torch.get_rng_state())  # where its run's later draws (brsf's) would continue
+        model = model.to(device)
+        check_output(model, data, cfg.model.name)
+        members.append(model)
+    data = data.to(device)
+    rates = [cfg.optimizer.lr for cfg in cfgs]
+    top = max(rates)
+    ensemble = Ensemble(members, lr_scale=[rate / top if top > 0 else 1.0 for rate in rates],
+                        seeds=[cfg.seed for cfg in cfgs])
+    if device.type == "cpu":  # alone, a member's brsf draws come from torch's CPU generator after its build
+        for index, state in enumerate(draws):
+            ensemble.generator(index).set_state(state)
+    shared = load_config(cfgs[0].to_dict())
+    shared.optimizer.lr = top
+    loss_fn = loss_function(shared, data)
+    optimizer = make_optimizer(shared, ensemble)
+    scheduler = make_scheduler(shared, optimizer)
+    orders = [torch.Generator().manual_seed(cfg.seed) for cfg in cfgs]
+    trainer = EnsembleTrainer(cfgs, ensemble, data, loss_fn, optimizer, scheduler, orders, device, run)
+    if saved is not None:
+        trainer.restore(saved)
+    if run is not None:
+        rundir.write_config(run, cfgs[0])
+        for index, cfg in enumerate(cfgs):
+            folder = trainer.member_dir(index)
+            rundir.write_config(folder, cfg)
+            if saved is not None:
+                (folder / "result.json").unlink(missing_ok=True)
+    status = trainer.run(stop)
+    results = []
+    for index, (cfg, model) in enumerate(zip(cfgs, ensemble.members())):
+        error = trainer.stopped.get(index)
+        result = TrainResult(model, cfg, trainer.histories[index], "diverged" if error else status,
+                             trainer.member_dir(index) if run is not None else None, error=error)
+        if run is not None and status == "finished":
+            rundir.write_result(result.run_dir, result.summary())
+        results.append(result)
+    return results
+
+
+def _check_saved_members(run: Path, saved: dict[str, Any], cfgs: list[Config]) -> None:
+    """A resumed ensemble must have the checkpoint's members, with the same settings (only
+    :data:`fbalign.rundir.RESUMABLE_CHANGES` may change)."""
+    before = saved.get("configs")
+    if before is None or len(before) != len(cfgs):
+        found = "a single run" if before is None else f"{len(before)} members"
+        raise RunDirectoryError(f"cannot resume {run}: its checkpoint holds {found}, this call gives {len(cfgs)} "
+                                "configurations; start a new run in another directory")
+    for index, (old, cfg) in enumerate(zip(before, cfgs)):
+        changed = [k for k in rundir._config_differences(load_config(old).to_dict(), cfg.to_dict())
+                   if k not in rundir.RESUMABLE_CHANGES]
+        if changed:
+            raise RunDirectoryError(f"cannot resume {run}: member {index}'s configuration differs from the "
+                                    f"checkpoint's in {', '.join(changed)}; start a new run in another directory")
+    truncate_records(run / "steps.jsonl", saved["step"])
+    for index, history in enumerate(saved["histories"]):
+        folder = run / "members" / str(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        rundir.write_metrics(folder, list(history))
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .distributed import Ranks, reduce_step
 from .metrics import nse
 from .runner import Stop
 
-__all__ = ["Trainer", "TrainResult", "DivergedError", "evaluate"]
+__all__ = ["Trainer", "EnsembleTrainer", "TrainResult", "DivergedError", "evaluate", "evaluate_members"]
 
 _FINITE_CHECK_EVERY = 50  # steps between looks at the loss (one device sync each)
 
@@ -44,9 +45,11 @@ class TrainResult:
         config: the resolved configuration.
         history: one dict of metrics per finished epoch (``epoch``, ``step``, ``lr``, ``train_loss``,
             ``test_loss``, ``test_error`` or ``test_nse``, ``val_*`` with a validation split, ``epoch_time`` ...).
-        status: ``'finished'`` or ``'interrupted'`` (Ctrl-C / SIGTERM / a stop request: a checkpoint was saved).
+        status: ``'finished'`` or ``'interrupted'`` (Ctrl-C / SIGTERM / a stop request: a checkpoint was saved);
+            for a member of :func:`fbalign.train.train_ensemble`, also ``'diverged'`` (see ``error``).
         run_dir: where the files went (None: nothing was written).
         world_size: processes that trained the model together (DDP under torchrun; 1 otherwise).
+        error: why a member of an ensemble run stopped (``status == 'diverged'``); None otherwise.
     """
 
     model: nn.Module
@@ -55,6 +58,7 @@ class TrainResult:
     status: str = "finished"
     run_dir: Path | None = None
     world_size: int = 1
+    error: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -75,7 +79,8 @@ class TrainResult:
         return {"status": self.status, "epochs": self.final.get("epoch", 0), "steps": self.final.get("step", 0),
                 "final": self.final, "best": best, "rule": self.config.rule.name, "seed": self.config.seed,
                 "train_time": sum(h.get("epoch_time", 0.0) for h in self.history),
-                "world_size": self.world_size, "batch_per_rank": self.config.batch_size // self.world_size}
+                "world_size": self.world_size, "batch_per_rank": self.config.batch_size // self.world_size,
+                **({"error": self.error} if self.error is not None else {})}
 
 
 @torch.no_grad()
@@ -159,9 +164,9 @@ class Trainer:
                         # A measuring step is measured on its own forward/backward (one extra pass: backprop's).
                         with self.recorder.step(self.step + 1, x, y) if self.recorder is not None else nullcontext():
                             out = self.model(x)
-                            loss = self.loss_fn(out, y)
+                            loss = self.loss(out, y)
                             self.optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
+                            loss.sum().backward()
                         self.optimizer.step()
                         if self.after_step(out, y, loss, stop):
                             return "interrupted"
@@ -169,6 +174,10 @@ class Trainer:
         finally:
             self.epochs_bar.close()
         return "finished"
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The batch's loss (what is recorded; its sum is what is differentiated)."""
+        return self.loss_fn(out, y)
 
     def start_epoch(self) -> None:
         if self.perm is None:  # a new epoch (a resumed one keeps its order and place)
@@ -193,11 +202,7 @@ class Trainer:
     def after_step(self, out: Tensor, y: Tensor, loss: Tensor, stop: Stop) -> bool:
         """Everything after an optimizer step: record the loss, check it is finite, log, checkpoint, and stop
         when asked (True: a checkpoint was saved and the run ends). Every rank takes the same decisions."""
-        correct = (out.detach().argmax(-1) == y).sum() if self.data.is_classification else self.correct[0]
-        loss, correct, stopping = reduce_step(loss.detach(), correct, stop.requested(), self.ranks)
-        self.losses[self.batch] = loss
-        if self.data.is_classification:
-            self.correct[self.batch] = correct
+        stopping = self.record_step(out, y, loss, stop.requested())
         self.batch += 1
         self.step += 1
         self.steps_bar.update()
@@ -216,6 +221,15 @@ class Trainer:
                            f"(epoch {self.epoch + 1}); checkpoint saved{where}")
         return stopping
 
+    def record_step(self, out: Tensor, y: Tensor, loss: Tensor, stopping: bool) -> bool:
+        """Keep the step's loss and correct count (all ranks' together); whether any rank stops."""
+        correct = (out.detach().argmax(-1) == y).sum() if self.data.is_classification else self.correct[0]
+        loss, correct, stopping = reduce_step(loss.detach(), correct, stopping, self.ranks)
+        self.losses[self.batch] = loss
+        if self.data.is_classification:
+            self.correct[self.batch] = correct
+        return stopping
+
     def log_steps(self) -> None:
         start = max(0, self.batch - self.cfg.log.every)
         loss = float(self.losses[start:self.batch].mean())
@@ -231,6 +245,25 @@ class Trainer:
         self.check_finite()
         epoch_time = self.epoch_seconds()
         self.epoch_start = None
+        score, line = self.record_epoch(epoch_time)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch += 1
+        self.perm = None
+        self.batch = self.checked = 0
+        self.elapsed = 0.0
+        self.losses.zero_()
+        self.correct.zero_()
+        if self.run_dir is not None:
+            self.save()
+        self.epochs_bar.update()
+        self.epochs_bar.set_postfix_str(score, refresh=False)
+        if self.cfg.log.progress and self.ranks.is_main:
+            tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: {line} ({epoch_time:.1f} s)")
+
+    def record_epoch(self, epoch_time: float) -> tuple[str, str]:
+        """Evaluate, append the epoch's record to the history and write the metrics; the score for the progress
+        bar and the line for the log."""
         cfg, data = self.cfg, self.data
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
                                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -248,24 +281,10 @@ class Trainer:
         if not math.isfinite(record["train_loss"]):  # pragma: no cover - check_finite caught it
             raise DivergedError("non-finite training loss")
         self.history.append(record)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.epoch += 1
-        self.perm = None
-        self.batch = self.checked = 0
-        self.elapsed = 0.0
-        self.losses.zero_()
-        self.correct.zero_()
         if self.run_dir is not None:
             rundir.write_metrics(self.run_dir, self.history)
-            self.save()
-        score = (f"test error {record['test_error']:.2f}%" if "test_error" in record
-                 else f"test NSE {record['test_nse']:.3g}")
-        self.epochs_bar.update()
-        self.epochs_bar.set_postfix_str(score, refresh=False)
-        if cfg.log.progress and self.ranks.is_main:
-            tqdm.write(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, {score} "
-                       f"({epoch_time:.1f} s)")
+        score = _score(record)
+        return score, f"train loss {record['train_loss']:.4f}, {score}"
 
     def epoch_seconds(self) -> float:
         """Training seconds spent on the current epoch so far, across resumes."""
@@ -294,6 +313,10 @@ class Trainer:
 
     # -- checkpoints
 
+    def generators(self) -> tuple[torch.Generator, ...]:
+        """The run's own generators, saved in the checkpoint besides torch's, Python's and NumPy's."""
+        return (self.order,)
+
     def state(self) -> dict[str, Any]:
         return {
             "format": rundir.CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "step": self.step,
@@ -302,7 +325,7 @@ class Trainer:
             "elapsed": self.epoch_seconds(), "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": checkpoint.rng_state(self.order),
+            "rng": checkpoint.rng_state(*self.generators()),
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -317,10 +340,199 @@ class Trainer:
         self.checked = self.batch
         self.history = list(saved["history"])
         self.elapsed = saved["elapsed"]
-        checkpoint.set_rng_state(saved["rng"], self.order)
+        checkpoint.set_rng_state(saved["rng"], *self.generators())
 
     def save(self) -> None:
         """Check the losses are finite, then (rank 0, with a run directory) write the checkpoint atomically."""
         self.check_finite()
         if self.run_dir is not None:
             checkpoint.save(self.state(), self.run_dir / rundir.CHECKPOINT)
+
+
+def _score(record: dict[str, Any]) -> str:
+    return f"test error {record['test_error']:.2f}%" if "test_error" in record else f"test NSE {record['test_nse']:.3g}"
+
+
+@torch.no_grad()
+def evaluate_members(ensemble: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                     classification: bool, batch_size: int = 1000) -> list[dict[str, float]]:
+    """:func:`evaluate` for each member of an :class:`fbalign.Ensemble`, all on the same ``x`` ``(N, *)`` and ``y``:
+    one dict per member, each computed as ``evaluate`` computes it for that member alone."""
+    was_training = ensemble.training
+    ensemble.eval()
+    size = len(ensemble)
+    loss_sum = torch.zeros(size, dtype=torch.float64, device=x.device)
+    wrong = torch.zeros(size, dtype=torch.int64, device=x.device)
+    outputs = []
+    for i in range(0, len(x), batch_size):
+        out, target = ensemble(x[i:i + batch_size], shared=True), y[i:i + batch_size]
+        loss_sum += torch.stack([loss_fn(member, target).double() for member in out]) * len(target)
+        if classification:
+            wrong += (out.argmax(-1) != target).sum(1)
+        else:
+            outputs.append(out)
+    ensemble.train(was_training)
+    losses = [total / len(x) for total in loss_sum.tolist()]
+    if classification:
+        return [{"loss": loss, "error": 100.0 * count / len(x)} for loss, count in zip(losses, wrong.tolist())]
+    out = torch.cat(outputs, 1)
+    return [{"loss": loss, "nse": float(nse(member, y))} for loss, member in zip(losses, out)]
+
+
+class _EveryMemberStopped(Exception):
+    pass
+
+
+class EnsembleTrainer(Trainer):
+    """E runs of one set-up trained side by side as one :class:`fbalign.Ensemble` (built by
+    :func:`fbalign.train.train_ensemble`). Each member keeps what a :class:`Trainer` keeps for one run: its data
+    order (from its own seed's generator), losses, evaluation and history. A member whose loss becomes NaN/Inf (or
+    whose weights do: the ensemble stops it) is stopped with the reason in :attr:`stopped`; the others train on, and
+    the run ends early once every member has stopped. One optimizer, schedule and checkpoint serve all members.
+
+    Args: as :class:`Trainer`, but ``configs`` (one per member; the first is ``cfg``, whose shared settings rule)
+    and ``orders`` (one data-order generator per member); one process only (no DDP, no alignment recorder).
+    """
+
+    def __init__(self, configs: list[Config], ensemble: Any, data: TensorDataset, loss_fn: Any,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, orders: list[torch.Generator],
+                 device: torch.device, run: Path | None) -> None:
+        super().__init__(configs[0], ensemble, data, loss_fn, optimizer, scheduler, orders[0], device, run)
+        self.configs, self.orders = list(configs), list(orders)
+        size = ensemble.size
+        self.losses = torch.zeros(self.steps_per_epoch, size, device=device)
+        self.correct = torch.zeros(self.steps_per_epoch, size, dtype=torch.int64, device=device)
+        self.histories: list[list[dict[str, Any]]] = [[] for _ in range(size)]
+        self.history = self.histories[0]
+        self.stopped: dict[int, str] = {}  # member -> why it stopped
+
+    def run(self, stop: Stop) -> str:
+        from .ensemble import MemberDivergedWarning
+
+        try:
+            with warnings.catch_warnings():  # the member's result says why it stopped
+                warnings.simplefilter("ignore", MemberDivergedWarning)
+                return super().run(stop)
+        except _EveryMemberStopped:
+            self.steps_bar.close()
+            return "finished"
+
+    def start_epoch(self) -> None:
+        if self.perm is None:
+            self.perm = torch.stack([torch.randperm(len(self.data.train_x), generator=order)
+                                     for order in self.orders]).to(self.device)
+            self.batch = self.checked = 0
+            self.elapsed = 0.0
+        super().start_epoch()
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """Every member's next batch, ``(E, B, ...)``: member ``e``'s examples in its own order."""
+        size = self.cfg.batch_size
+        idx = self.perm[:, self.batch * size:(self.batch + 1) * size]
+        x, y = self.data.train_x[idx], self.data.train_y[idx]
+        if self.cfg.data.augment:
+            x = torch.stack([data_module.augment_batch(member, True, seed=cfg.seed, step=self.step)
+                             for member, cfg in zip(x, self.configs)])
+        return x, y
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """Each member's loss, ``(E,)``, computed as its run alone computes it (their sum gives each its own
+        gradient)."""
+        return torch.stack([self.loss_fn(member_out, member_y) for member_out, member_y in zip(out, y)])
+
+    def record_step(self, out: Tensor, y: Tensor, loss: Tensor, stopping: bool) -> bool:
+        self.losses[self.batch] = loss.detach()
+        if self.data.is_classification:
+            self.correct[self.batch] = (out.detach().argmax(-1) == y).sum(1)
+        return stopping
+
+    def check_finite(self) -> None:
+        """Stop every member whose loss became NaN/Inf since the last look (one device sync), or whose weights did
+        (the ensemble stopped it at its last finite weights)."""
+        recent = self.losses[self.checked:self.batch]
+        if len(recent):
+            finite = torch.isfinite(recent)
+            for member in (~finite.all(0)).nonzero().flatten().tolist():
+                if member in self.stopped:
+                    continue
+                first = self.checked + int((~finite[:, member]).nonzero()[0])
+                step = self.step - (self.batch - first) + 1
+                lr = self.optimizer.param_groups[0]["lr"] * float(self.module.lr_scale[member])
+                self.stopped[member] = (
+                    f"member {member}: the training loss became {float(self.losses[first, member])} at step {step} "
+                    f"(epoch {self.epoch + 1}, batch {first + 1}); its learning rate (now {lr:g}) is the likely cause")
+                self.module.alive[member] = False  # its weights stay where they are from now on
+        for member, why in self.module.diverged.items():
+            self.stopped.setdefault(member, why)
+        self.checked = self.batch
+        if len(self.stopped) == len(self.histories):
+            raise _EveryMemberStopped
+
+    def log_steps(self) -> None:
+        start = max(0, self.batch - self.cfg.log.every)
+        losses = self.losses[start:self.batch].mean(0).tolist()
+        alive = [loss for member, loss in enumerate(losses) if member not in self.stopped]
+        if alive:
+            self.steps_bar.set_postfix(loss=f"{min(alive):.4g}", refresh=False)
+        if self.run_dir is not None:
+            scale = self.module.lr_scale.tolist()
+            lr = self.optimizer.param_groups[0]["lr"]
+            rundir.append_record(self.run_dir / "steps.jsonl", {
+                "step": self.step, "epoch": self.epoch + self.batch / self.steps_per_epoch, "loss": losses,
+                "lr": [lr * s for s in scale]})
+
+    def record_epoch(self, epoch_time: float) -> tuple[str, str]:
+        cfg, data = self.cfg, self.data
+        start = time.perf_counter()
+        evaluated = {split: evaluate_members(self.module, x, y, self.loss_fn, classification=data.is_classification,
+                                             batch_size=cfg.log.eval_batch_size)
+                     for split, (x, y) in data.splits().items() if split != "train"}
+        eval_time = time.perf_counter() - start
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale = self.module.lr_scale.tolist()
+        train_loss = self.losses.mean(0).tolist()
+        correct = self.correct.sum(0).tolist()
+        scores = []
+        for member, history in enumerate(self.histories):
+            if member in self.stopped:
+                continue
+            record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "lr": lr * scale[member],
+                                      "train_loss": train_loss[member]}
+            if data.is_classification:
+                record["train_error"] = 100.0 - 100.0 * correct[member] / (self.steps_per_epoch * cfg.batch_size)
+            for split, metrics in evaluated.items():
+                record.update({f"{split}_{k}": v for k, v in metrics[member].items()})
+            record["epoch_time"] = epoch_time
+            record["eval_time"] = eval_time
+            history.append(record)
+            scores.append(record.get("test_error", record.get("test_nse")))
+            if self.run_dir is not None:
+                rundir.write_metrics(self.member_dir(member), history)
+        best = min(scores) if data.is_classification else max(scores)
+        what = "test error" if data.is_classification else "test NSE"
+        score = f"best {what} {best:.3g}{'%' if data.is_classification else ''}"
+        return score, f"{len(scores)} of {len(self.histories)} members training, {score}"
+
+    def member_dir(self, member: int) -> Path:
+        """Member ``member``'s folder in the run directory (its config, metrics and result)."""
+        assert self.run_dir is not None
+        folder = self.run_dir / "members" / str(member)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def generators(self) -> tuple[torch.Generator, ...]:
+        ensemble = self.module
+        return (*self.orders, *[ensemble.generator(member) for member in range(ensemble.size)])
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "configs": [cfg.to_dict() for cfg in self.configs], "histories": self.histories,
+                "stopped": self.stopped, "ensemble_diverged": dict(self.module.diverged),
+                "ensemble_steps": self.module.steps}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        super().restore(saved)
+        self.histories = [list(h) for h in saved["histories"]]
+        self.history = self.histories[0]
+        self.stopped = {int(k): v for k, v in saved["stopped"].items()}
+        self.module.diverged.update({int(k): v for k, v in saved["ensemble_diverged"].items()})
+        self.module.steps = saved["ensemble_steps"]
