@@ -209,6 +209,32 @@ def test_teacher_condition_as_ensembles_trains_like_one_run_at_a_time(task):
     assert together["final"] == pytest.approx(finals, rel=1e-9)
 
 
+@pytest.mark.parametrize("name", ["uniform", "bp"])
+def test_image_condition_as_ensembles_trains_like_one_run_at_a_time(tmp_path, one_thread, monkeypatch, name):
+    """With ensembles on (on a GPU, or ENSEMBLES_ON_CPU) a condition's rate grid and its seeds each train as one
+    fbalign.train.train_ensemble: the same rate chosen, the same errors (float32 rounding aside), and a resumed
+    run reuses the finished ensembles."""
+    size = oq.FIXED_B_SCALE["tiny"]
+    data = oq.image_data(_context(tmp_path), size)
+
+    def make(seed):
+        return oq.fixed_b_model(data=data, seed=seed, task="image", name=name, hidden=[16])
+
+    def condition(ctx):
+        return oq.image_condition(ctx, ctx.out_dir, make, data, epochs=2, tune_epochs=1, seeds=3,
+                                  grid=(0.01, 0.1, 0.3))
+
+    alone = condition(_context(tmp_path, out_dir=tmp_path / "alone"))
+    monkeypatch.setattr(oq.shared, "ENSEMBLES_ON_CPU", True)
+    together = condition(_context(tmp_path))
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"tuning", "seeds"}
+    assert together["lr"] == alone["lr"]
+    assert together["tuning"]["val_error"] == pytest.approx(alone["tuning"]["val_error"], abs=0.7)  # 1 of 150
+    assert together["final"] == pytest.approx(alone["final"], abs=0.3)  # 1 of 360 test images
+    # resumed, the finished ensembles' checkpoints give their histories back without a step
+    assert common._to_json(condition(_context(tmp_path, resume=True))) == common._to_json(together)
+
+
 def test_mirror_hook_is_removed_after_training(tmp_path, one_thread):
     data = oq.image_data(_context(tmp_path), oq.PLASTIC_SCALE["tiny"])
     model = oq.plastic_model(data, [8], "wm", 0)

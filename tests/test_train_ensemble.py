@@ -150,3 +150,13 @@ def test_what_members_may_not_differ_in_is_named(digits):
         train_ensemble([], data=digits)
     with pytest.raises(ValueError, match="members must share the architecture and the rule"):
         train_ensemble([grid[0], {**grid[1], "rule": "usf"}], data=digits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_members_on_the_gpu_train_as_their_runs_alone(digits):
+    grid = configs("brsf", device="cuda")
+    for member, config in zip(train_ensemble(grid, data=digits), grid):
+        alone = train(config, data=digits)
+        assert next(member.model.parameters()).device.type == "cuda"
+        assert relative_difference(member.model, alone.model) < 1e-4  # float32, other kernels
+        assert member.final["test_error"] == pytest.approx(alone.final["test_error"], abs=1.0)

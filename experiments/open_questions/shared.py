@@ -23,7 +23,7 @@ from fbalign.data import TensorDataset, linear_teacher, load, load_digits, nonli
 from fbalign.metrics import load_records, measure_alignment, nse
 from fbalign.models import build as build_model
 from fbalign.runner import Stop, run
-from fbalign.train import DivergedError, train
+from fbalign.train import DivergedError, train, train_ensemble
 
 from ..common import Context, fmt
 from ..lillicrap2016 import FEEDBACK_RANGE, TASK_SEED, TEST, VALIDATION, WEIGHT_RANGE
@@ -50,6 +50,9 @@ KP_DECAY = 1.0  # kp's λ: the mismatch B − W shrinks by (1 − lr·λ) per st
 MIRROR_LR = 0.01  # wm: one mirror step after every training step (as Akrout et al.'s code), mismatch ×(1 − 0.01)
 MIRROR_BATCH = 128
 JOBS: int | None = None  # processes training conditions side by side, overriding a row's "workers" (None: per core)
+# Whether a condition's image runs (its rate grid, its seeds) train as one fbalign ensemble on the CPU too (on a GPU
+# they do). Off: see README (measured on 2 cores, the image MLPs' steps are arithmetic, which stacking does not cut).
+ENSEMBLES_ON_CPU = False
 
 RULE_LABELS = {"bp": "backprop", "fa": "feedback alignment", "dfa": "direct FA", "kp": "Kolen–Pollack",
                "wm": "weight mirrors"}
@@ -311,6 +314,38 @@ def mirror_after_every_step(model: nn.Module, *, lr: float = MIRROR_LR) -> Itera
         handle.remove()
 
 
+def image_config(ctx: Context, *, lr: float, epochs: int, seed: int, momentum: float = IMAGE_MOMENTUM,
+                 align_every: int = 0) -> dict[str, Any]:
+    """The training configuration of an image run: SGD with ``momentum``, batch 128, cross-entropy, the model
+    already converted; with ``align_every``, alignment recorded every that many steps."""
+    return {"epochs": epochs, "batch_size": IMAGE_BATCH, "seed": seed, "device": str(ctx.device),
+            "loss": "cross_entropy", "rule": "torch",  # the model comes converted
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum},
+            "log": {"progress": False, "every": align_every or 100, "alignment": bool(align_every)}}
+
+
+def trains_together(ctx: Context, models: Sequence[nn.Module]) -> bool:
+    """Whether runs of these models train side by side as one :func:`fbalign.train.train_ensemble`: on a GPU (on
+    the CPU when ``ENSEMBLES_ON_CPU``), with more than one run, and without weight mirrors (their mirror phase
+    follows each training step of one model: :func:`mirror_after_every_step`)."""
+    wm = any(isinstance(layer.rule, fbalign.plastic.WM) for _, layer in fbalign.feedback_layers(models[0]))
+    return (ctx.device.type != "cpu" or ENSEMBLES_ON_CPU) and len(models) > 1 and not wm
+
+
+def train_images(ctx: Context, models: Sequence[nn.Module], data: TensorDataset, run_dir: Path, *,
+                 lrs: Sequence[float], seeds: Sequence[int], epochs: int, momentum: float = IMAGE_MOMENTUM,
+                 stop: Stop | None = None) -> list[dict[str, Any]] | None:
+    """:func:`train_image` for several runs of one condition at once (its rate grid, or its seeds), trained side by
+    side as one :func:`fbalign.train.train_ensemble` in ``run_dir`` (continued there with ``--resume``), each
+    as it trains alone. Returns what ``train_image`` returns, per run; None when ``stop`` stopped them."""
+    configs = [image_config(ctx, lr=lr, epochs=epochs, seed=seed, momentum=momentum) for lr, seed in zip(lrs, seeds)]
+    results = train_ensemble(configs, models=models, data=data, run_dir=run_dir, resume=ctx.resume, stop=stop)
+    if any(result.status == "interrupted" for result in results):
+        return None
+    return [{"history": result.history, "records": [], "diverged": result.status == "diverged"}
+            for result in results]
+
+
 def train_image(ctx: Context, model: nn.Module, data: TensorDataset, run_dir: Path, *, lr: float, epochs: int,
                 seed: int, align_every: int = 0, momentum: float = IMAGE_MOMENTUM, stop: Stop | None = None
                 ) -> dict[str, Any] | None:
@@ -322,10 +357,7 @@ def train_image(ctx: Context, model: nn.Module, data: TensorDataset, run_dir: Pa
     is True (and the history what was finished) when the loss became NaN/Inf. None when ``stop`` stopped it (its
     checkpoint stays in ``run_dir`` for --resume).
     """
-    config = {"epochs": epochs, "batch_size": IMAGE_BATCH, "seed": seed, "device": str(ctx.device),
-              "loss": "cross_entropy", "rule": "torch",  # the model comes converted
-              "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum},
-              "log": {"progress": False, "every": align_every or 100, "alignment": bool(align_every)}}
+    config = image_config(ctx, lr=lr, epochs=epochs, seed=seed, momentum=momentum, align_every=align_every)
     initial = None
     if align_every:  # the recorder measures steps every, 2·every, ...: step 0 is measured here
         initial = {"step": 0, **measure_alignment(model, F.cross_entropy, data.train_x[:256], data.train_y[:256])}
@@ -357,31 +389,49 @@ def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module]
     grid = IMAGE_LR_GRID if grid is None else grid
     momentum = IMAGE_MOMENTUM if momentum is None else momentum
     scores = []
-    for lr in grid:
-        run = train_image(ctx, make(0), data, folder / f"tune-lr{lr:g}", lr=lr, epochs=tune_epochs, seed=0,
-                          momentum=momentum, stop=stop)
-        if run is None:
-            return None
-        scores.append(math.inf if run["diverged"] else run["history"][-1]["val_error"])
+    starts = [make(0) for _ in grid]
+    if trains_together(ctx, starts):
+        tuned = train_images(ctx, starts, data, folder / "tuning", lrs=grid, seeds=[0] * len(grid),
+                             epochs=tune_epochs, momentum=momentum, stop=stop)
+    else:
+        tuned = []
+        for lr, model in zip(grid, starts):
+            tuned.append(train_image(ctx, model, data, folder / f"tune-lr{lr:g}", lr=lr, epochs=tune_epochs, seed=0,
+                                     momentum=momentum, stop=stop))
+            if tuned[-1] is None:
+                return None
+    if tuned is None:
+        return None
+    for tuning_run in tuned:
+        scores.append(math.inf if tuning_run["diverged"] else tuning_run["history"][-1]["val_error"])
     tuning = pick_best(grid, scores)
     lr = tuning["value"]
     finals, trains, bests, curves, records = [], [], [], [], []
-    for seed in range(seeds):
-        run = train_image(ctx, make(seed), data, folder / f"seed{seed}", lr=lr, epochs=epochs, seed=seed,
-                          align_every=align_every, momentum=momentum, stop=stop)
-        if run is None:
+    models = [make(seed) for seed in range(seeds)]
+    if trains_together(ctx, models) and not align_every:
+        runs = train_images(ctx, models, data, folder / "seeds", lrs=[lr] * seeds, seeds=list(range(seeds)),
+                            epochs=epochs, momentum=momentum, stop=stop)
+        if runs is None:
             return None
-        if run["diverged"]:
+    else:
+        runs = []
+        for seed, model in enumerate(models):
+            runs.append(train_image(ctx, model, data, folder / f"seed{seed}", lr=lr, epochs=epochs, seed=seed,
+                                    align_every=align_every, momentum=momentum, stop=stop))
+            if runs[-1] is None:
+                return None
+    for seed_run in runs:
+        if seed_run["diverged"]:
             finals.append(math.nan)
             trains.append(math.nan)
             bests.append(math.nan)
         else:
-            history = run["history"]
+            history = seed_run["history"]
             finals.append(history[-1]["test_error"])
             trains.append(history[-1]["train_error"])
             bests.append(min(history, key=lambda h: h["val_error"])["test_error"])
             curves.append([h["test_error"] for h in history])
-        records.append(run["records"])
+        records.append(seed_run["records"])
     stacked = np.asarray(curves) if curves else np.full((1, epochs), math.nan)
     return {"lr": lr, "momentum": momentum, "tuning": {"grid": list(grid), "val_error": scores, "epochs": tune_epochs,
                                                      "at_grid_edge": tuning["at_grid_edge"]},

@@ -240,6 +240,7 @@ def _train_ensemble(cfgs: list[Config], device: torch.device, run: Path | None, 
     if len(data.train_x) < cfgs[0].batch_size:
         raise ConfigError(f"batch_size = {cfgs[0].batch_size} is larger than the {len(data.train_x)} training "
                           f"examples of {data.name}; lower batch_size")
+    data = data.to(device)
     members, draws = [], []
     for index, cfg in enumerate(cfgs):  # each member built exactly as train() builds it alone
         random.seed(cfg.seed)
@@ -250,7 +251,6 @@ def _train_ensemble(cfgs: list[Config], device: torch.device, run: Path | None, 
         model = model.to(device)
         check_output(model, data, cfg.model.name)
         members.append(model)
-    data = data.to(device)
     rates = [cfg.optimizer.lr for cfg in cfgs]
     top = max(rates)
     ensemble = Ensemble(members, lr_scale=[rate / top if top > 0 else 1.0 for rate in rates],
