@@ -113,12 +113,10 @@ SIGNIFICANCE = 0.05  # Welch t-tests over seeds
 # Its experiments train their conditions in worker processes (fbalign.runner): reproduce runs them one at a time.
 TRAINS_IN_PROCESSES = True
 JOBS: int | None = None  # training processes, overriding the scale row's "workers" (None: one per CPU core)
-# Models whose runs of a cell train as one fbalign ensemble on the CPU too (on a GPU all do). None: measured on 2
-# cores, a cell's 6 learning rates as one ensemble against one after another, one process, one thread: the 3×256
-# MLP 1.3× faster, LeNet-5 0.97× (the grouped convolution stacking the members' convolutions is slower on a CPU
-# than 6 separate ones); and the whole quick reproduction, two worker processes, took 766 s with the MLP cells as
-# ensembles against 717 s without (its MLP runs 99.6 against 91.9 s: two processes share the memory bandwidth the
-# ensembles' larger tensors need).
+# Models whose runs of a cell train as one fbalign ensemble on the CPU too (on a GPU all do). None: on 2 cores a
+# cell's 6 learning rates as one ensemble are no faster than one after another (benchmarks/ensemble_training.py,
+# one thread: the 3×256 MLP 1.03×, LeNet-5 0.94×, whose grouped convolution is slower on a CPU than 6 separate
+# ones), and the whole quick reproduction took 766 s with the MLP cells as ensembles against 717 s without.
 ENSEMBLES_ON_CPU: tuple[str, ...] = ()
 
 MAGNITUDE_SCALE = {"quick": {"models": ("mlp", "lenet5"), "rules": RULES},
