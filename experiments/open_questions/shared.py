@@ -388,38 +388,18 @@ def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module]
     """
     grid = IMAGE_LR_GRID if grid is None else grid
     momentum = IMAGE_MOMENTUM if momentum is None else momentum
-    scores = []
-    starts = [make(0) for _ in grid]
-    if trains_together(ctx, starts):
-        tuned = train_images(ctx, starts, data, folder / "tuning", lrs=grid, seeds=[0] * len(grid),
-                             epochs=tune_epochs, momentum=momentum, stop=stop)
-    else:
-        tuned = []
-        for lr, model in zip(grid, starts):
-            tuned.append(train_image(ctx, model, data, folder / f"tune-lr{lr:g}", lr=lr, epochs=tune_epochs, seed=0,
-                                     momentum=momentum, stop=stop))
-            if tuned[-1] is None:
-                return None
+    tuned = _train_runs(ctx, make, data, folder, "tuning", [(f"tune-lr{lr:g}", lr, 0) for lr in grid],
+                        epochs=tune_epochs, momentum=momentum, stop=stop)
     if tuned is None:
         return None
-    for tuning_run in tuned:
-        scores.append(math.inf if tuning_run["diverged"] else tuning_run["history"][-1]["val_error"])
+    scores = [math.inf if run["diverged"] else run["history"][-1]["val_error"] for run in tuned]
     tuning = pick_best(grid, scores)
     lr = tuning["value"]
     finals, trains, bests, curves, records = [], [], [], [], []
-    models = [make(seed) for seed in range(seeds)]
-    if trains_together(ctx, models) and not align_every:
-        runs = train_images(ctx, models, data, folder / "seeds", lrs=[lr] * seeds, seeds=list(range(seeds)),
-                            epochs=epochs, momentum=momentum, stop=stop)
-        if runs is None:
-            return None
-    else:
-        runs = []
-        for seed, model in enumerate(models):
-            runs.append(train_image(ctx, model, data, folder / f"seed{seed}", lr=lr, epochs=epochs, seed=seed,
-                                    align_every=align_every, momentum=momentum, stop=stop))
-            if runs[-1] is None:
-                return None
+    runs = _train_runs(ctx, make, data, folder, "seeds", [(f"seed{seed}", lr, seed) for seed in range(seeds)],
+                       epochs=epochs, momentum=momentum, align_every=align_every, stop=stop)
+    if runs is None:
+        return None
     for seed_run in runs:
         if seed_run["diverged"]:
             finals.append(math.nan)
@@ -439,6 +419,25 @@ def image_condition(ctx: Context, folder: Path, make: Callable[[int], nn.Module]
             "curve": {"epochs": list(range(1, epochs + 1)), "mean": stacked.mean(0),
                       "sd": stacked.std(0, ddof=1) if len(stacked) > 1 else np.zeros(stacked.shape[1])},
             "records": records if align_every else []}
+
+
+def _train_runs(ctx: Context, make: Callable[[int], nn.Module], data: TensorDataset, folder: Path, together: str,
+                runs: Sequence[tuple[str, float, int]], *, epochs: int, momentum: float, align_every: int = 0,
+                stop: Stop | None) -> list[dict[str, Any]] | None:
+    """Train a condition's ``runs`` (each its folder's name, learning rate and seed) as one ensemble in
+    ``folder/together`` where :func:`trains_together` says so and no alignment is recorded, else one after another
+    by :func:`train_image`; what ``train_image`` returns, per run (None: ``stop`` stopped them)."""
+    models = [make(seed) for _, _, seed in runs]
+    if trains_together(ctx, models) and not align_every:
+        return train_images(ctx, models, data, folder / together, lrs=[lr for _, lr, _ in runs],
+                            seeds=[seed for _, _, seed in runs], epochs=epochs, momentum=momentum, stop=stop)
+    found = []
+    for (name, lr, seed), model in zip(runs, models):
+        found.append(train_image(ctx, model, data, folder / name, lr=lr, epochs=epochs, seed=seed,
+                                 align_every=align_every, momentum=momentum, stop=stop))
+        if found[-1] is None:
+            return None
+    return found
 
 
 def image_settings(size: dict[str, Any], data: TensorDataset, grid: Sequence[float] | None = None,

@@ -359,14 +359,10 @@ class Ensemble(nn.Module):
             scale = self.lr_scale * self.alive
             self._scale_cache = (scale, bool((scale != 1).any()))
             stopped = (~self.alive).nonzero().flatten()
-            self._stopped_cache = stopped if len(stopped) else None
+            self._stopped_cache = stopped if len(stopped) else None  # their indices; None: every member trains
             self._lerp_weights: dict[tuple[torch.dtype, int], Tensor] = {}
             self._scale_key = key
         return self._scale_cache
-
-    def _stopped_members(self) -> Tensor | None:
-        """The indices of the stopped members (None: every member trains); valid after :meth:`_scale`."""
-        return self._stopped_cache
 
     def _lerp_weight(self, like: Tensor) -> Tensor:
         """``1 − scale`` per member, shaped to broadcast over ``like`` (cached per dtype and rank)."""
@@ -433,7 +429,7 @@ class Ensemble(nn.Module):
                 # old at s = 0 (for finite p; a stopped member's NaNs are overwritten just below).
                 for p, old in zip(plan.params, plan.old):
                     p.lerp_(old, self._lerp_weight(p))
-                stopped = self._stopped_members()
+                stopped = self._stopped_cache
                 if stopped is not None:
                     for p, old in zip(plan.params, plan.old):
                         p.index_copy_(0, stopped, old.index_select(0, stopped))

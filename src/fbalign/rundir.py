@@ -17,8 +17,8 @@ from typing import Any
 from . import checkpoint
 from .config import Config, ConfigError, load_config, to_toml
 
-__all__ = ["CHECKPOINT", "RESUMABLE_CHANGES", "RunDirectoryError", "open_run_directory", "write_config",
-           "rewind", "write_metrics", "write_result", "append_record", "truncate_records"]
+__all__ = ["CHECKPOINT", "RESUMABLE_CHANGES", "RunDirectoryError", "open_run_directory", "unresumable_changes",
+           "write_config", "rewind", "write_metrics", "write_result", "append_record", "truncate_records"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's layout changes; another value cannot be resumed
@@ -54,16 +54,22 @@ def open_run_directory(run: Path | None, cfg: Config, resume: bool) -> dict[str,
     if saved.get("format") != CHECKPOINT_FORMAT or "config" not in saved:
         raise RunDirectoryError(f"cannot resume {run}: {path} has checkpoint format {saved.get('format')!r}, this "
                                 f"version of fbalign reads format {CHECKPOINT_FORMAT}; {start_over}")
-    try:  # through today's schema, so keys added to it since (with their defaults) are no difference
-        before = load_config(saved["config"]).to_dict()
-    except ConfigError:
-        before = saved["config"]
-    changed = [k for k in _config_differences(before, cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+    changed = unresumable_changes(saved["config"], cfg)
     if changed:
         raise RunDirectoryError(f"cannot resume {run}: the configuration differs from the checkpoint's in "
                                 f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change); "
                                 "start a new run with --out")
     return saved
+
+
+def unresumable_changes(saved: Mapping[str, Any], cfg: Config) -> list[str]:
+    """The keys in which ``cfg`` differs from a checkpoint's configuration ``saved``, beyond
+    :data:`RESUMABLE_CHANGES`: a run with any of them cannot resume from that checkpoint."""
+    try:  # through today's schema, so keys added to it since (with their defaults) are no difference
+        before = load_config(saved).to_dict()
+    except ConfigError:
+        before = dict(saved)
+    return [k for k in _config_differences(before, cfg.to_dict()) if k not in RESUMABLE_CHANGES]
 
 
 def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -22,10 +22,10 @@ import os
 import random
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -88,19 +88,31 @@ def train(config: Config | Mapping[str, Any] | str | os.PathLike | None = None, 
     if model_object is not None:
         cfg.model = {"name": f"<{type(model_object).__name__} object>"}  # type: ignore[assignment]
     ranks, device = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
+    run = Path(run_dir) if run_dir is not None else None
+    try:
+        return _with_threads_and_stop(cfg, stop, handle_signals, lambda stop: _train(
+            cfg, device, run, resume, stop, ranks, model_object, data_object))
+    finally:
+        distributed.teardown(ranks)
+
+
+_T = TypeVar("_T")
+
+
+def _with_threads_and_stop(cfg: Config, stop: Stop | None, handle_signals: bool, work: Callable[[Stop], _T]) -> _T:
+    """``work(stop)`` with ``cfg.threads`` torch threads (the caller's setting restored after: it holds for this
+    run only), under the caller's ``stop``, or under a new one catching Ctrl-C / SIGTERM when ``handle_signals``."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        run = Path(run_dir) if run_dir is not None else None
         if stop is not None:
-            return _train(cfg, device, run, resume, stop, ranks, model_object, data_object)
+            return work(stop)
         stop = Stop()
         with stop.catch_signals() if handle_signals else nullcontext():
-            return _train(cfg, device, run, resume, stop, ranks, model_object, data_object)
+            return work(stop)
     finally:
-        torch.set_num_threads(threads)  # the caller's setting: config.threads holds for this run only
-        distributed.teardown(ranks)
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: Config, device: torch.device, run: Path | None, resume: bool, stop: Stop,
@@ -184,18 +196,9 @@ def train_ensemble(configs: Sequence[Config | Mapping[str, Any] | str | os.PathL
     cfgs = [load_config(c) for c in configs]
     _check_ensemble_configs(cfgs, models)
     device = resolve_device(cfgs[0].device)
-    threads = torch.get_num_threads()
-    if cfgs[0].threads:
-        torch.set_num_threads(cfgs[0].threads)
-    try:
-        run = Path(run_dir) if run_dir is not None else None
-        if stop is not None:
-            return _train_ensemble(cfgs, device, run, resume, stop, models, data)
-        stop = Stop()
-        with stop.catch_signals() if handle_signals else nullcontext():
-            return _train_ensemble(cfgs, device, run, resume, stop, models, data)
-    finally:
-        torch.set_num_threads(threads)
+    run = Path(run_dir) if run_dir is not None else None
+    return _with_threads_and_stop(cfgs[0], stop, handle_signals, lambda stop: _train_ensemble(
+        cfgs, device, run, resume, stop, models, data))
 
 
 def _check_ensemble_configs(cfgs: list[Config], models: Sequence[nn.Module] | None) -> None:
@@ -295,8 +298,7 @@ def _check_saved_members(run: Path, saved: dict[str, Any], cfgs: list[Config]) -
         raise RunDirectoryError(f"cannot resume {run}: its checkpoint holds {found}, this call gives {len(cfgs)} "
                                 "configurations; start a new run in another directory")
     for index, (old, cfg) in enumerate(zip(before, cfgs)):
-        changed = [k for k in rundir._config_differences(load_config(old).to_dict(), cfg.to_dict())
-                   if k not in rundir.RESUMABLE_CHANGES]
+        changed = rundir.unresumable_changes(old, cfg)
         if changed:
             raise RunDirectoryError(f"cannot resume {run}: member {index}'s configuration differs from the "
                                     f"checkpoint's in {', '.join(changed)}; start a new run in another directory")
