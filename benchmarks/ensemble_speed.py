@@ -14,7 +14,10 @@ for ``--steps`` steps through ``fbalign.convert`` (what an experiment does one r
 same E models for the same steps as one ensemble, each member on its own batches. "floor" is the same step
 written by hand with no fbalign at all: the E members' weights as ``(E, out, in)`` tensors, ``torch.baddbmm`` and
 the activations under plain autograd, torch's SGD (backprop, so no feedback matrices): what any autograd-based
-design of an ensemble pays at least. Each round times all three, in a fresh random order, so drift in machine
+design of an ensemble pays at least. "bound" is the step's matrix products alone (their floating-point operations
+for all E members) at the rate this device reaches on one large matrix product of the case's dtype, measured in
+the same run: no design of the step runs faster, so sequential / bound is the largest speed-up the device allows.
+Each round times all three, in a fresh random order, so drift in machine
 speed hits them alike; the table shows the median over rounds of the time per step of all E runs and of the
 ratios sequential / ensemble and sequential / floor within a round.
 """
@@ -22,6 +25,7 @@ ratios sequential / ensemble and sequential / floor within a round.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -117,6 +121,29 @@ def floor(models: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, 
     return run
 
 
+def step_flops(case: str, members: int) -> float:
+    """Floating-point operations of the matrix products of one step of all members: per Linear layer the forward
+    and the weight's gradient, and the input's gradient for every layer but the first (its input is data)."""
+    widths, _, _, _, _, batch = CASES[case]
+    per_member = sum(2 * batch * n_in * n_out * (2 if i == 0 else 3)
+                     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])))
+    return members * per_member
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Floating-point operations per second of the best of ``repeats`` ``size``×``size`` matrix products."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first warms up
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def measure(case: str, members: int, rule: str, steps: int, rounds: int, device: torch.device) -> dict[str, float]:
     widths, _, _, _, dtype, batch = CASES[case]
     generator = torch.Generator().manual_seed(0)
@@ -141,8 +168,11 @@ def measure(case: str, members: int, rule: str, steps: int, rounds: int, device:
             times[name].append(found[name])
         ratios.append(found["sequential"] / found["ensemble"])
         floor_ratios.append(found["sequential"] / found["floor"])
+    bound = step_flops(case, members) / matmul_rate(dtype, device)
+    sequential_time = statistics.median(times["sequential"])
     return {**{name: statistics.median(found) for name, found in times.items()},
-            "ratio": statistics.median(ratios), "floor_ratio": statistics.median(floor_ratios)}
+            "ratio": statistics.median(ratios), "floor_ratio": statistics.median(floor_ratios),
+            "bound": bound, "bound_ratio": sequential_time / bound}
 
 
 def main() -> None:
@@ -159,12 +189,14 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"{args.members} runs of rule {args.rule!r} on {device} ({args.threads} CPU threads), median of "
           f"{args.rounds} rounds; time per step of all {args.members} runs")
-    print(f"{'case':<8} {'sequential':>12} {'ensemble':>12} {'speed-up':>9} {'floor':>12} {'speed-up':>9}")
+    print(f"{'case':<8} {'sequential':>12} {'ensemble':>12} {'speed-up':>9} {'floor':>12} {'speed-up':>9} "
+          f"{'bound':>12} {'speed-up':>9}")
     for case in args.cases.split(","):
         steps = args.steps or (200 if case == "online" else 5)
         found = measure(case, args.members, args.rule, steps, args.rounds, device)
         print(f"{case:<8} {found['sequential'] * 1e3:>10.3f}ms {found['ensemble'] * 1e3:>10.3f}ms "
-              f"{found['ratio']:>8.1f}x {found['floor'] * 1e3:>10.3f}ms {found['floor_ratio']:>8.1f}x", flush=True)
+              f"{found['ratio']:>8.1f}x {found['floor'] * 1e3:>10.3f}ms {found['floor_ratio']:>8.1f}x "
+              f"{found['bound'] * 1e3:>10.3f}ms {found['bound_ratio']:>8.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -193,38 +193,30 @@ def train_online(model: nn.Module, algorithm: str, data: TensorDataset, *, examp
     Raises:
         DivergedError: the NSE became NaN or infinite (the learning rate is too large).
     """
-    steps = examples // batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=eta * batch_size)
     perturbation = fbalign.NodePerturbation(model, sigma=NP_SIGMA, seed=seed) if algorithm == "np" else None
     score_x, score_y = data.splits()[score_on]
     out_name = output_layer(model)
-    evaluate_at = set(np.unique(np.linspace(0, steps, evaluations + 1).round().astype(int)).tolist())
     curve: dict[str, list[float]] = {"examples": [], "nse": []}
     if angle_every:
         curve["angle_step"], curve["angle"] = [], []
     if probe is not None:
         curve["angle_bp"], curve["angle_pbp"] = [], []
-    done = 0
-    for step in range(steps + 1):
-        if step in evaluate_at:
-            with torch.no_grad():
-                score = float(nse(model(score_x), score_y))
-            if not math.isfinite(score):
-                raise DivergedError(f"{algorithm}: the NSE became {score} after {step * batch_size} examples at "
-                                    f"learning rate {eta:g} per example; lower it")
-            curve["examples"].append(step * batch_size)
-            curve["nse"].append(score)
-            if probe is not None:
-                measured = measure_alignment(model, half_sse, *probe, pseudo_backprop=True)
-                curve["angle_bp"].append(measured[f"angle_dh_bp/{out_name}"])
-                curve["angle_pbp"].append(measured[f"angle_dh_pbp/{out_name}"])
-            if bar is not None:
-                bar.update(step - done)
-                done = step
-        if step == steps:
-            break
-        batch = slice(step * batch_size, (step + 1) * batch_size)
-        x, y = data.train_x[batch], data.train_y[batch]
+
+    def evaluate(step: int) -> None:
+        with torch.no_grad():
+            score = float(nse(model(score_x), score_y))
+        if not math.isfinite(score):
+            raise DivergedError(f"{algorithm}: the NSE became {score} after {step * batch_size} examples at "
+                                f"learning rate {eta:g} per example; lower it")
+        curve["examples"].append(step * batch_size)
+        curve["nse"].append(score)
+        if probe is not None:
+            measured = measure_alignment(model, half_sse, *probe, pseudo_backprop=True)
+            curve["angle_bp"].append(measured[f"angle_dh_bp/{out_name}"])
+            curve["angle_pbp"].append(measured[f"angle_dh_pbp/{out_name}"])
+
+    def train_step(step: int, x: Tensor, y: Tensor) -> None:
         if angle_every and step % angle_every == 0:
             curve["angle_step"].append(step * batch_size)
             curve["angle"].append(measure_alignment(model, half_sse, x, y)[f"angle_dh_bp/{out_name}"])
@@ -234,7 +226,28 @@ def train_online(model: nn.Module, algorithm: str, data: TensorDataset, *, examp
         else:
             half_sse(model(x), y).backward()
         optimizer.step()
+
+    _stream(data, examples // batch_size, batch_size, evaluations, evaluate, train_step, bar)
     return curve
+
+
+def _stream(data: TensorDataset, steps: int, batch_size: int, evaluations: int, evaluate: Callable[[int], None],
+            train_step: Callable[[int, Tensor, Tensor], None], bar: Any) -> None:
+    """The online loop of :func:`train_online` and :func:`train_online_ensemble`: ``train_step(step, x, y)`` on
+    each ``batch_size`` points of ``data``'s training stream in order, ``evaluate(step)`` at ``evaluations + 1``
+    evenly spaced steps (the first and the last included), the progress ``bar`` moved at each evaluation."""
+    evaluate_at = set(np.unique(np.linspace(0, steps, evaluations + 1).round().astype(int)).tolist())
+    done = 0
+    for step in range(steps + 1):
+        if step in evaluate_at:
+            evaluate(step)
+            if bar is not None:
+                bar.update(step - done)
+                done = step
+        if step == steps:
+            break
+        batch = slice(step * batch_size, (step + 1) * batch_size)
+        train_step(step, data.train_x[batch], data.train_y[batch])
 
 
 def train_online_ensemble(models: Sequence[nn.Module], data: TensorDataset, *, examples: int,
@@ -266,44 +279,38 @@ def _train_ensemble(ensemble: Any, models: Sequence[nn.Module], data: TensorData
                     probe: tuple[Tensor, Tensor] | None, bar: Any) -> list[dict[str, Any]]:
     top = max(etas)
     optimizer = torch.optim.SGD(ensemble.parameters(), lr=top * batch_size)
-    steps = examples // batch_size
     score_x, score_y = data.splits()[score_on]
     target = score_y.double()
     spread = (target - target.mean(0)).square().sum()
     out_name = output_layer(models[0])
-    evaluate_at = set(np.unique(np.linspace(0, steps, evaluations + 1).round().astype(int)).tolist())
     curves: list[dict[str, Any]] = [{"examples": [], "nse": [], "diverged": None} for _ in models]
     for curve in curves if probe is not None else ():
         curve["angle_bp"], curve["angle_pbp"] = [], []
-    done = 0
-    for step in range(steps + 1):
-        if step in evaluate_at:
-            with torch.no_grad():
-                scores = ((target - ensemble(score_x).double()).square().sum((1, 2)) / spread).tolist()
-            members = ensemble.members() if probe is not None else None
-            for index, (curve, score) in enumerate(zip(curves, scores)):
-                if index in ensemble.diverged or not math.isfinite(score):
-                    curve["diverged"] = curve["diverged"] or ensemble.diverged.get(
-                        index, f"member {index}: the NSE became {score} after {step * batch_size} examples")
-                    score = math.nan
-                curve["examples"].append(step * batch_size)
-                curve["nse"].append(score)
-                if members is not None:
-                    measured = (measure_alignment(members[index], half_sse, *probe, pseudo_backprop=True)
-                                if curve["diverged"] is None else {})
-                    curve["angle_bp"].append(measured.get(f"angle_dh_bp/{out_name}", math.nan))
-                    curve["angle_pbp"].append(measured.get(f"angle_dh_pbp/{out_name}", math.nan))
-            if bar is not None:
-                bar.update(step - done)
-                done = step
-        if step == steps:
-            break
-        batch = slice(step * batch_size, (step + 1) * batch_size)
-        x, y = data.train_x[batch], data.train_y[batch]
+
+    def evaluate(step: int) -> None:
+        with torch.no_grad():
+            scores = ((target - ensemble(score_x).double()).square().sum((1, 2)) / spread).tolist()
+        members = ensemble.members() if probe is not None else None
+        for index, (curve, score) in enumerate(zip(curves, scores)):
+            if index in ensemble.diverged or not math.isfinite(score):
+                curve["diverged"] = curve["diverged"] or ensemble.diverged.get(
+                    index, f"member {index}: the NSE became {score} after {step * batch_size} examples")
+                score = math.nan
+            curve["examples"].append(step * batch_size)
+            curve["nse"].append(score)
+            if members is not None:
+                measured = (measure_alignment(members[index], half_sse, *probe, pseudo_backprop=True)
+                            if curve["diverged"] is None else {})
+                curve["angle_bp"].append(measured.get(f"angle_dh_bp/{out_name}", math.nan))
+                curve["angle_pbp"].append(measured.get(f"angle_dh_pbp/{out_name}", math.nan))
+
+    def train_step(step: int, x: Tensor, y: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         # The sum of the members' losses: each member's gradient is that of its own ½‖e‖² (batch mean).
         (0.5 * (y - ensemble(x)).square().sum(-1).mean(-1).sum()).backward()
         optimizer.step()
+
+    _stream(data, examples // batch_size, batch_size, evaluations, evaluate, train_step, bar)
     return curves
 
 

@@ -242,6 +242,20 @@ def test_diverged_member_is_stopped_and_others_train_on() -> None:
     assert not torch.equal(after[0].state_dict()["4.bias"], before[0]["4.bias"])  # the others train on
 
 
+def test_huge_finite_weights_are_not_taken_for_divergence() -> None:
+    """The quick check sums the parameters' norms, which overflows for weights near float64's range: the exact
+    per-member check behind it must find every member finite and stop none."""
+    ens = fbalign.Ensemble([fbalign.convert(mlp(m), "fa", seed=m) for m in range(2)])
+    with torch.no_grad():
+        ens.stack[0].weight[1].fill_(1e200)  # its norm (and the sum of norms) is inf, every value finite
+    opt = torch.optim.SGD(ens.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ens(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+        opt.step()
+    assert not ens.diverged and bool(ens.alive.all())
+
+
 def test_members_are_copies() -> None:
     ens = fbalign.Ensemble([fbalign.convert(mlp(m), "fa", seed=m) for m in range(2)])
     member = ens.members()[0]

@@ -43,6 +43,29 @@ def test_linear_input_gradient_is_grad_out_times_feedback():
     assert not torch.allclose(gx, g @ w)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_stacked_linear_is_each_members_own_linear(bias, scale):
+    """Weights (E, out, in): member e computes, and sends its error down, as functional.linear on its own slices."""
+    members, n, n_in, n_out = 3, 4, 5, 2
+    x = torch.randn(members, n, n_in, **DOUBLE, requires_grad=True)
+    w = torch.randn(members, n_out, n_in, **DOUBLE, requires_grad=True)
+    b = torch.randn(members, n_out, **DOUBLE, requires_grad=True) if bias else None
+    fb = torch.randn(members, n_out, n_in, **DOUBLE)
+    g = torch.randn(members, n, n_out, **DOUBLE)
+    inputs = [x, w] + ([b] if bias else [])
+    out = functional.linear(x, w, b, fb, scale, torch.tanh)
+    grads = torch.autograd.grad(out, inputs, g)
+    for e in range(members):
+        own = [t[e].detach().requires_grad_() for t in inputs]
+        out_e = functional.linear(own[0], own[1], own[2] if bias else None, fb[e], scale, torch.tanh)
+        torch.testing.assert_close(out[e], out_e, rtol=1e-13, atol=1e-13)
+        for stacked, alone in zip(grads, torch.autograd.grad(out_e, own, g[e])):
+            torch.testing.assert_close(stacked[e], alone, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match=r"stacked weight \(3, 2, 5\) \(E, out, in\) takes an input \(E, N, in\)"):
+        functional.linear(x[0], w, b, fb)
+
+
 def test_no_feedback_means_no_input_gradient():
     x = torch.randn(3, 4, requires_grad=True)
     w = torch.randn(2, 4, requires_grad=True)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import warnings
 import weakref
 from collections import OrderedDict
@@ -354,11 +355,12 @@ class Ensemble(nn.Module):
 
     def _scale(self) -> tuple[Tensor, bool]:
         """Each member's step factor (lr_scale, 0 once stopped) and whether any differs from 1 (cached)."""
-        key = (self.lr_scale._version, self.alive._version, self.lr_scale.data_ptr(), self.alive.data_ptr())
+        lr_scale, alive = self._buffers["lr_scale"], self._buffers["alive"]  # not nn.Module's slower __getattr__
+        key = (lr_scale._version, alive._version, lr_scale.data_ptr(), alive.data_ptr())
         if getattr(self, "_scale_key", None) != key:
-            scale = self.lr_scale * self.alive
+            scale = lr_scale * alive
             self._scale_cache = (scale, bool((scale != 1).any()))
-            stopped = (~self.alive).nonzero().flatten()
+            stopped = (~alive).nonzero().flatten()
             self._stopped_cache = stopped if len(stopped) else None  # their indices; None: every member trains
             self._lerp_weights: dict[tuple[torch.dtype, int], Tensor] = {}
             self._scale_key = key
@@ -423,7 +425,7 @@ class Ensemble(nn.Module):
         if plan.saving:
             plan.saving = False
             self.steps += 1
-            scale, rescale = self._scale()
+            rescale = self._scale_cache[1]  # as _before_step found it just now
             if rescale:
                 # One pass per tensor: p + (1 - s)(old - p), which torch.lerp makes exactly p at s = 1 and exactly
                 # old at s = 0 (for finite p; a stopped member's NaNs are overwritten just below).
@@ -441,8 +443,10 @@ class Ensemble(nn.Module):
                 layer.feedback.add_(layer.weight)
 
     def _stop_diverged(self, plan: _StepPlan) -> None:
-        # One pass over all parameters: a NaN or an inf anywhere reaches the sum of the norms.
-        if bool(torch.stack(torch._foreach_norm(plan.params)).sum().isfinite()):
+        # One pass over all parameters: a NaN or an inf anywhere reaches the sum of the norms (read as Python
+        # floats: cheaper than stacking them for a step of the small online nets, where this check is a sizeable
+        # share; an overflow of finite values only sends it to the exact check below).
+        if math.isfinite(sum(map(float, torch._foreach_norm(plan.params)))):
             return
         finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in plan.params]).all(0)
         newly = (~finite & self.alive).nonzero().flatten().tolist()

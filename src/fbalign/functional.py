@@ -1,6 +1,7 @@
 """Linear and convolution ops whose error goes down through a given feedback matrix.
 
-The forward pass is torch's own (``F.linear``, ``F.conv*d``). The backward pass computes the weight and
+The forward pass is torch's own (``F.linear``, ``F.conv*d``; for E stacked Linear layers, an ensemble's, one
+``torch.baddbmm``). The backward pass computes the weight and
 bias gradients exactly as autograd would, and the input gradient with ``feedback`` in place of the weight:
 
 * linear: ``grad_input = grad_output @ feedback`` (``feedback`` has the weight's shape ``(out, in)``,
@@ -86,11 +87,15 @@ class _FeedbackLinear(torch.autograd.Function):
                 nonlinearity: Nonlinearity | None) -> Tensor:
         ctx.has_bias = bias is not None
         ctx.has_feedback = feedback is not None
+        ctx.stacked = weight.dim() == 3
         ctx.send_down = send_down
         ctx.feedback_scale = feedback_scale
         ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(input, feedback)
-        return F.linear(input, weight, bias)
+        if weight.dim() == 2:
+            return F.linear(input, weight, bias)
+        # E stacked layers (fbalign.stacked): input (E, N, in), weight (E, out, in), one batched matmul
+        return torch.bmm(input, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), input, weight.mT)
 
     @staticmethod
     @once_differentiable
@@ -100,15 +105,21 @@ class _FeedbackLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0] and ctx.send_down is not None:
             grad_input = ctx.send_down(grad_output, input)
         elif ctx.needs_input_grad[0] and ctx.has_feedback:
-            scale = ctx.feedback_scale
+            scale, times = ctx.feedback_scale, torch.bmm if ctx.stacked else torch.matmul
             if scale is None:
-                grad_input = grad_output.matmul(feedback)
-            elif grad_output.numel() // grad_output.shape[-1] <= feedback.shape[0]:
-                grad_input = grad_output.matmul(feedback).mul_(scale)  # scale the smaller of the two
+                grad_input = times(grad_output, feedback)
+            elif grad_output.numel() // grad_output.shape[-1] <= feedback.shape[-2]:
+                grad_input = times(grad_output, feedback).mul_(scale)  # scale the smaller of the two
             else:
-                grad_input = grad_output.matmul(feedback * scale)
+                grad_input = times(grad_output, feedback * scale)
             if ctx.nonlinearity is not None:
                 grad_input = ctx.nonlinearity(grad_input)
+        if ctx.stacked:  # (E, N, out): one bmm for all E members
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.bmm(grad_output.mT, input)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_output.sum(1)
+            return grad_input, grad_weight, grad_bias, None, None, None, None
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = flat_grad.t().mm(input.reshape(-1, input.shape[-1]))
@@ -122,13 +133,18 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor 
            send_down: SendDown | None = None) -> Tensor:
     """``F.linear`` whose error reaches ``input`` through ``feedback · feedback_scale`` instead of ``weight``.
 
-    Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``;
+    Shapes: input ``(*, in)``, weight and feedback ``(out, in)``, bias ``(out,)``, output ``(*, out)``; or E
+    stacked layers (:mod:`fbalign.stacked`): input ``(E, N, in)``, weight and feedback ``(E, out, in)``, bias
+    ``(E, out)``, output ``(E, N, out)``, member ``e``'s error going down through ``feedback[e]``;
     ``feedback_scale`` is a number or a 0-dim tensor, applied to whichever of the error or the matrix is
     smaller. ``feedback`` receives no gradient. ``feedback_nonlinearity``, when given, maps the error after the
     matrix: ``grad_input = f(grad_output @ feedback)``. ``send_down`` (with ``feedback=None``) computes
     ``grad_input`` itself from ``(grad_output, input)``.
     """
     feedback, send_down = _send_down_argument(feedback, send_down)
+    if weight.dim() == 3 and input.dim() != 3:
+        raise ValueError(f"a stacked weight {tuple(weight.shape)} (E, out, in) takes an input (E, N, in), not "
+                         f"{tuple(input.shape)}")
     if feedback is not None:
         if feedback.shape != weight.shape:
             raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the weight has {tuple(weight.shape)}")
@@ -201,6 +217,9 @@ def conv(
     input's gradient itself from ``(grad_output, input)`` (``input`` batched, as the op sees it).
     """
     feedback, send_down = _send_down_argument(feedback, send_down)
+    if weight.dim() == 3 and input.dim() != 3:
+        raise ValueError(f"a stacked weight {tuple(weight.shape)} (E, out, in) takes an input (E, N, in), not "
+                         f"{tuple(input.shape)}")
     if feedback is not None:
         if feedback.shape != weight.shape:
             raise ValueError(f"feedback has shape {tuple(feedback.shape)} but the kernel has {tuple(weight.shape)}")

@@ -94,7 +94,43 @@ class _AtStep:
         return self.direct(grad_output, input)
 
 
-class _Recurrent(nn.Module):
+class _TorchLayout(nn.Module):
+    """Shared by the recurrent modules and the cells: built from the torch module they replace (same constructor
+    arguments, plus ``rule=`` and its options), whose Parameters their Linear children hold under torch's names."""
+
+    replaces: type[nn.Module]
+    mode: str
+
+    @classmethod
+    def from_module(cls, module: Any) -> Any:
+        raise NotImplementedError
+
+    def __init__(self, *args: Any, rule: Any = None, **kwargs: Any) -> None:
+        rule_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TORCH_ARGS}
+        other = type(self).from_module(self.replaces(*args, **kwargs))
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "training"})
+        if rule is not None:
+            from .convert import convert
+
+            convert(self, rule, inplace=True, **rule_options)
+
+    def _with_hooks_of(self, module: nn.Module) -> Any:
+        for hooks in _HOOKS:
+            getattr(self, hooks).update(getattr(module, hooks))
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # torch's names: weight_ih_l0 -> ih_l0.weight, bias_hh_l1_reverse -> hh_l1_reverse.bias, weight_hh -> hh.weight
+        kind, _, rest = name.partition("_")
+        if kind in ("weight", "bias") and rest[:2] in ("ih", "hh", "hr"):
+            child = self.__dict__["_modules"].get(rest)
+            if child is not None:
+                return getattr(child, kind)
+        return super().__getattr__(name)
+
+
+class _Recurrent(_TorchLayout):
     """Shared by RNN, LSTM and GRU: the layer/direction loop, packed sequences, dropout between layers."""
 
     replaces: type[nn.RNNBase]
@@ -118,29 +154,7 @@ class _Recurrent(nn.Module):
                                                   getattr(module, f"bias_hh{tag}") if bias else None))
                 if module.proj_size > 0:
                     setattr(new, f"hr{tag}", _holder(getattr(module, f"weight_hr{tag}"), None))
-        for hooks in _HOOKS:
-            getattr(new, hooks).update(getattr(module, hooks))
-        return new
-
-    def __init__(self, *args: Any, rule: Any = None, **kwargs: Any) -> None:
-        rule_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TORCH_ARGS}
-        other = type(self).from_module(self.replaces(*args, **kwargs))
-        nn.Module.__init__(self)
-        self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "training"})
-        if rule is not None:
-            from .convert import convert
-
-            convert(self, rule, inplace=True, **rule_options)
-
-    def __getattr__(self, name: str) -> Any:
-        # torch's names: weight_ih_l0 -> ih_l0.weight, bias_hh_l1_reverse -> hh_l1_reverse.bias
-        kind, _, rest = name.partition("_")
-        if kind in ("weight", "bias") and rest[:2] in ("ih", "hh", "hr") and rest[2:4] == "_l":
-            modules = self.__dict__["_modules"]
-            child = modules.get(rest)
-            if child is not None:
-                return getattr(child, kind)
-        return super().__getattr__(name)
+        return new._with_hooks_of(module)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}"
@@ -269,7 +283,7 @@ class GRU(_Recurrent):
     replaces = nn.GRU
 
 
-class _Cell(nn.Module):
+class _Cell(_TorchLayout):
     """Shared by the cells: ``ih`` and ``hh`` Linear children holding ``weight_ih``/``weight_hh`` and biases."""
 
     replaces: type[nn.RNNCellBase]
@@ -284,25 +298,7 @@ class _Cell(nn.Module):
         new.mode = _cell_mode(module)
         new.ih = _holder(module.weight_ih, module.bias_ih if module.bias else None)
         new.hh = _holder(module.weight_hh, module.bias_hh if module.bias else None)
-        for hooks in _HOOKS:
-            getattr(new, hooks).update(getattr(module, hooks))
-        return new
-
-    def __init__(self, *args: Any, rule: Any = None, **kwargs: Any) -> None:
-        rule_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TORCH_ARGS}
-        other = type(self).from_module(self.replaces(*args, **kwargs))
-        nn.Module.__init__(self)
-        self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "training"})
-        if rule is not None:
-            from .convert import convert
-
-            convert(self, rule, inplace=True, **rule_options)
-
-    def __getattr__(self, name: str) -> Any:
-        kind, _, rest = name.partition("_")
-        if kind in ("weight", "bias") and rest in ("ih", "hh"):
-            return getattr(self.__dict__["_modules"][rest], kind)
-        return super().__getattr__(name)
+        return new._with_hooks_of(module)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import functional
 from .rules import BRSF, FA, Backprop, FeedbackRule, Shallow
@@ -43,40 +42,6 @@ MIXABLE_RULES = (Backprop, FA, Shallow)
 _SEND_DOWN_KEYWORD = "send_down" in inspect.signature(functional.conv).parameters
 
 
-class _StackedLinear(torch.autograd.Function):
-    """E Linear layers at once: ``out[e] = input[e] @ weight[e].T + bias[e]``; the input's gradient goes through
-    ``feedback[e]`` (times ``scale[e]``, then the nonlinearity), or comes from ``send_down(grad_out, input)``."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Any,
-                nonlinearity: Any) -> Tensor:
-        ctx.has_bias = bias is not None
-        ctx.send_down = None if feedback is None or isinstance(feedback, Tensor) else feedback
-        ctx.has_feedback = feedback is not None
-        ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(input, feedback if isinstance(feedback, Tensor) else None)
-        if bias is None:
-            return torch.bmm(input, weight.mT)
-        return torch.baddbmm(bias.unsqueeze(1), input, weight.mT)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, feedback = ctx.saved_tensors
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and ctx.send_down is not None:
-            grad_input = ctx.send_down(grad_output, input)
-        elif ctx.needs_input_grad[0] and ctx.has_feedback:
-            grad_input = torch.bmm(grad_output, feedback)
-            if ctx.nonlinearity is not None:
-                grad_input = ctx.nonlinearity(grad_input)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad_output.mT, input)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.sum(1)
-        return grad_input, grad_weight, grad_bias, None, None
-
-
 def stacked_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Any = "exact",
                    nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
     """E Linear layers on ``input (E, *, in)`` with ``weight (E, out, in)``, ``bias (E, out)``: ``(E, *, out)``.
@@ -84,17 +49,15 @@ def stacked_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback:
     ``feedback``: ``'exact'`` (plain autograd), a tensor ``(E, out, in)`` the error goes down through, None (no
     error goes below), or a callable ``(grad_output, input) -> grad_input`` on the ``(E, N, ...)`` views.
     """
-    members, features = input.shape[0], input.shape[-1]
-    lead = input.shape[1:-1]
-    flat = input.reshape(members, -1, features)
+    three_d = input.dim() == 3  # (E, N, in) as it is: no reshape and view nodes in the graph (the online tasks)
+    flat = input if three_d else input.reshape(input.shape[0], -1, input.shape[-1])
     if isinstance(feedback, str):
         out = (torch.bmm(flat, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight.mT))
+    elif feedback is None or isinstance(feedback, Tensor):
+        out = functional.linear(flat, weight, bias, feedback, feedback_nonlinearity=nonlinearity)
     else:
-        flat, weight, bias, *rest = functional.autocast_args(flat, weight, bias,
-                                                             *([feedback] if isinstance(feedback, Tensor) else []))
-        feedback = rest[0] if rest else feedback
-        out = _StackedLinear.apply(flat, weight, bias, feedback, nonlinearity)
-    return out.view(members, *lead, out.shape[-1])
+        out = functional.linear(flat, weight, bias, None, feedback_nonlinearity=nonlinearity, send_down=feedback)
+    return out if three_d else out.view(*input.shape[:-1], out.shape[-1])
 
 
 class _MemberView:
