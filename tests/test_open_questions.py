@@ -181,11 +181,31 @@ def test_conditions_in_parallel_processes_give_the_serial_numbers(tmp_path, one_
     conditions = {kind: {"task": "nonlinear", "examples": 200, "prefix": 50,
                          "make": functools.partial(oq.fixed_b_model, task="nonlinear", name=kind, rms=0.3)}
                   for kind in ("uniform", "sign(W0)")}
-    conditions["image"] = {"task": "image", "folder": ("image",),
-                           "make": functools.partial(oq.fixed_b_model, task="image", name="uniform", hidden=[8])}
-    serial = common._to_json(oq.run_conditions(_context(tmp_path, out_dir=tmp_path / "serial"), size, conditions))
-    parallel = common._to_json(oq.run_conditions(_context(tmp_path), size, conditions, workers=2))
-    assert list(parallel) == list(conditions) and parallel == serial
+    conditions[("image", "uniform")] = {  # keys may be any hashable: experiments key (task, name)
+        "task": "image", "folder": ("image",),
+        "make": functools.partial(oq.fixed_b_model, task="image", name="uniform", hidden=[8])}
+    serial = oq.run_conditions(_context(tmp_path, out_dir=tmp_path / "serial"), size, conditions)
+    parallel = oq.run_conditions(_context(tmp_path), size, conditions, workers=2)
+    assert list(parallel) == list(conditions)
+    assert common._to_json(list(parallel.values())) == common._to_json(list(serial.values()))
+
+
+def test_conditions_start_costliest_first_and_return_in_given_order(tmp_path, monkeypatch):
+    """One pool for every condition on the CPU, the longest jobs first (so no worker idles behind one at the end),
+    the results keyed and ordered as given."""
+    started = []
+
+    def fake_run(function, jobs, **options):
+        started.extend(job["name"] for job in jobs)
+        return [job["name"] for job in jobs]
+    monkeypatch.setattr(oq.shared, "run", fake_run)
+    conditions = {("linear", "a"): {"task": "linear", "name": "lin"},
+                  ("image", "a"): {"task": "image", "name": "img"},
+                  ("nonlinear", "a"): {"task": "nonlinear", "name": "nonlin"},
+                  ("image", "wm"): {"task": "image", "name": "wm", "cost": 100.0, "on_device": True}}
+    found = oq.run_conditions(_context(tmp_path), oq.FIXED_B_SCALE["tiny"], conditions, workers=2)
+    assert started == ["wm", "img", "nonlin", "lin"]
+    assert list(found) == list(conditions) and found[("image", "a")] == "img"
 
 
 @pytest.mark.parametrize("task", ["linear", "nonlinear"])

@@ -81,14 +81,16 @@ def run_fixed_b(ctx: Context) -> dict[str, Any]:
         "image": {**image_settings(size, data_image), "hidden": size["image_hidden"], "activation": "tanh"}},
         "tasks": {}}
 
-    for task in ("linear", "nonlinear"):
-        results["tasks"][task] = run_conditions(ctx, size, {name: {
-            "task": task, "examples": size[f"{task}_examples"], "prefix": size[f"{task}_prefix"],
-            "make": functools.partial(fixed_b_model, task=task, name=name, rms=LILLICRAP_RMS)} for name in conditions})
-    results["tasks"]["image"] = run_conditions(ctx, size, {name: {
-        "task": "image", "folder": ("fixed-b", name.replace(" ×", "-x")),
+    jobs = {(task, name): {"task": task, "examples": size[f"{task}_examples"], "prefix": size[f"{task}_prefix"],
+                           "make": functools.partial(fixed_b_model, task=task, name=name, rms=LILLICRAP_RMS)}
+            for task in ("linear", "nonlinear") for name in conditions}
+    jobs.update({("image", name): {
+        "task": "image", "folder": ("fixed-b", name.replace(" ×", "-x")), "on_device": True,
         "make": functools.partial(fixed_b_model, task="image", name=name, hidden=size["image_hidden"])}
-        for name in conditions}, on_device=True)
+        for name in conditions})
+    found = run_conditions(ctx, size, jobs)  # the three tasks in one pool of workers (see run_conditions)
+    for task in ("linear", "nonlinear", "image"):
+        results["tasks"][task] = {name: found[(task, name)] for name in conditions}
     results["headline"] = _fixed_b_headline(results)
     return results
 

@@ -150,16 +150,19 @@ def run_nonlinear_feedback(ctx: Context) -> dict[str, Any]:
         "saturation_reference": references, "conditions": [list(c) for c in conditions],
         "timing": {"rounds": size["timing_rounds"], "steps": size["timing_steps"], "batch": IMAGE_BATCH,
                    "threads": torch.get_num_threads(), "device": "cpu"}}}
-    results["teacher"] = run_conditions(ctx, size, {name: {
+    jobs = {("teacher", name): {
         "task": "nonlinear", "examples": size["examples"], "prefix": size["prefix"],
         "make": functools.partial(path_model, task="nonlinear", rule=rule, nonlinearity=f, saturation=k,
                                   reference=references["teacher"][rule], rms=LILLICRAP_RMS)}
-        for name, rule, f, k in conditions})
-    results["image"] = run_conditions(ctx, size, {name: {
-        "task": "image", "folder": ("nonlinear-feedback", name.replace(" ", "-").replace("×", "x")),
+        for name, rule, f, k in conditions}
+    jobs.update({("image", name): {
+        "task": "image", "folder": ("nonlinear-feedback", name.replace(" ", "-").replace("×", "x")), "on_device": True,
         "make": functools.partial(path_model, task="image", rule=rule, nonlinearity=f, saturation=k,
                                   reference=references["image"][rule], hidden=size["image_hidden"])}
-        for name, rule, f, k in conditions}, on_device=True)
+        for name, rule, f, k in conditions})
+    found = run_conditions(ctx, size, jobs)  # both tasks in one pool of workers (see run_conditions)
+    for task in ("teacher", "image"):
+        results[task] = {name: found[(task, name)] for name, _, _, _ in conditions}
     # Step time, side by side: every condition's image MLP on one batch, on the CPU.
     models = {name: _with_path(image_student(data_image, size["image_hidden"], "tanh", 0), rule, f, k, seed=0,
                                reference=references["image"][rule], rms=None)
