@@ -146,6 +146,10 @@ def test_report_says_fashion_mnist_is_not_mnist(tiny):
     assert claims["FA − BP (points, paired by run)"].verdict and claims["FA − BP (points, paired by run)"].criterion
     assert claims["shallow − the worse of BP and FA (points)"].verdict  # XOR: shallow stays at chance
     assert all(c.verdict is None for q, c in claims.items() if "final test error" in q)  # tiny scale: no verdict
+    s = found["fig2a"]["settings"]
+    seen = claims["training examples seen per run"]  # the examples seen, beside the paper's 100 × 60,000
+    assert seen.ours.startswith(f"{s['epochs'] * s['train_examples']:,} ") and seen.paper == "6,000,000"
+    assert "of the paper's length" in seen.note
     s1_section = Report()
     paper.report_fig_s1(found["figS1"], s1_section, ctx)
     assert "What they show" in s1_section.markdown()
