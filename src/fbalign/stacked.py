@@ -20,7 +20,6 @@ are done here per member (brsf from each member's own generator, dfa through :fu
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import torch
@@ -37,10 +36,6 @@ __all__ = ["StackedLayer", "stacked_linear", "MIXABLE_RULES"]
 # zero gradient where alone they get none, the same step for optimizers that do not move a weight whose gradient is
 # zero, i.e. all but weight decay).
 MIXABLE_RULES = (Backprop, FA, Shallow)
-
-# functional.conv takes a send-down callable as ``feedback`` (older) or as ``send_down=`` (newer).
-_SEND_DOWN_KEYWORD = "send_down" in inspect.signature(functional.conv).parameters
-
 
 def stacked_linear(input: Tensor, weight: Tensor, bias: Tensor | None, feedback: Any = "exact",
                    nonlinearity: functional.Nonlinearity | None = None) -> Tensor:
@@ -242,7 +237,7 @@ class StackedLayer(nn.Module):
             elif feedback is not None:
                 feedback = _MergedSendDown(feedback, members)
             options: dict[str, Any] = {"feedback_nonlinearity": nonlinearity}
-            if callable(feedback) and _SEND_DOWN_KEYWORD:
+            if callable(feedback):
                 options["send_down"], feedback = feedback, None
             out = functional.conv(merged, weight, bias, feedback, conv.stride, padding, conv.dilation, groups,
                                   **options)
